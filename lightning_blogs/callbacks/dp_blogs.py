@@ -1,0 +1,276 @@
+"""DP-BloGS as a Lightning callback."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_blogs.engine.session import BloGSSession
+from lightning_blogs.mechanism import entropy_seed
+
+__all__ = ["DPBloGS", "PaperFigureWarning"]
+
+EPSILON_KEY = "privacy/epsilon_blogs_paper"
+_BUDGET_ACTIONS = ("stop", "warn", "raise")
+
+
+class PaperFigureWarning(UserWarning):
+    """The logged DP-BloGS figure is the paper's, not a formal differential-privacy guarantee."""
+
+
+_PAPER_FIGURE_MESSAGE = (
+    "DP-BloGS: the logged figure '" + EPSILON_KEY + "' is the formula published with DP-BloGS "
+    "(arXiv 2407.21347 v1, since withdrawn). It is NOT a differential-privacy guarantee: the "
+    "block shuffle leaves sums and norms of the clipped gradient unchanged, so no (epsilon, delta) "
+    "bound holds for this mechanism, whatever the block size. It also depends only on clip_norm, "
+    "tensor sizes, block sizes, steps and delta, so a small clip_norm makes it small without "
+    "making training more private (especially under Adam). See docs/privacy.md."
+)
+
+
+class DPBloGS(Callback):
+    r"""Differentially Private Block-wise Gradient Shuffle (DP-BloGS), as published.
+
+    Once per optimizer step (in ``on_before_optimizer_step``: after gradient accumulation, after
+    AMP unscaling and after the DDP all-reduce) every trainable parameter's gradient is clipped to
+    ``clip_norm`` and cut into blocks of a per-parameter size, and the blocks are permuted at
+    random, in place, on the gradients' own device. Block sizes are planned at fit start from the
+    paper's privacy formula so that its figure after the planned number of steps stays within
+    ``target_epsilon``.
+
+    The figure is logged every step as ``privacy/epsilon_blogs_paper`` (progress bar and every
+    logger). It is the paper's number and **not a formal DP guarantee** (``docs/privacy.md``); it
+    is never logged under ``privacy/epsilon``, which this package reserves for proven bounds.
+
+    Example::
+
+        trainer = lightning.Trainer(
+            max_epochs=10,
+            callbacks=[DPBloGS(target_epsilon=4.0, delta=1e-5, clip_norm=0.01)],
+        )
+
+    Args:
+        target_epsilon: the paper's figure not to exceed after ``total_steps`` steps, > 0. May be
+            None only when ``block_size`` is a single integer (the figure is then reported only).
+        delta: the figure's delta, in (0, 1).
+        clip_norm: per-tensor L2 clipping bound C > 0. The figure shrinks with C.
+        block_size: override of the planner: one block size (entries) for every tensor, or a
+            mapping from parameter-name glob to block size; unmatched parameters are planned.
+        seed: seed of the permutations, in ``[0, 2**64)``. None (default) draws one from the
+            operating system's entropy pool on rank 0 and shares it with every rank. A given seed
+            makes runs reproducible, and is logged as such: it is not private against anyone who
+            knows it.
+        total_steps: number of optimizer steps to plan for; default the Trainer's
+            ``estimated_stepping_batches`` (which accounts for ``accumulate_grad_batches``,
+            ``max_epochs``/``max_steps``, ``limit_train_batches`` and the number of devices).
+        on_budget_exceeded: what happens once ``total_steps`` steps are done and training goes
+            on: ``"stop"`` (default) stops training, ``"warn"`` warns once and continues (the
+            figure then exceeds the target), ``"raise"`` raises before the extra step.
+
+    Raises:
+        ValueError: an argument is out of range (at construction), or the target cannot be met
+            (at fit start, before any step; the message states the smallest reachable figure).
+    """
+
+    def __init__(
+        self,
+        target_epsilon: float | None,
+        delta: float = 1e-5,
+        clip_norm: float = 1.0,
+        block_size: int | Mapping[str, int] | None = None,
+        seed: int | None = None,
+        total_steps: int | None = None,
+        on_budget_exceeded: Literal["stop", "warn", "raise"] = "stop",
+    ) -> None:
+        if target_epsilon is None and not isinstance(block_size, int):
+            raise ValueError("target_epsilon must be a number > 0, or None together with an integer block_size")
+        if target_epsilon is not None and not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+            raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon}")
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if not (clip_norm > 0 and math.isfinite(clip_norm)):
+            raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm}")
+        if isinstance(block_size, bool) or (isinstance(block_size, int) and block_size < 1):
+            raise ValueError(f"block_size must be a positive integer or a mapping, got {block_size!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+            raise ValueError(f"seed must be None (OS entropy) or an integer in [0, 2**64), got {seed!r}")
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(f"total_steps must be None or a positive integer, got {total_steps!r}")
+        if on_budget_exceeded not in _BUDGET_ACTIONS:
+            raise ValueError(f"on_budget_exceeded must be one of {_BUDGET_ACTIONS}, got {on_budget_exceeded!r}")
+        self.target_epsilon = target_epsilon
+        self.delta = delta
+        self.clip_norm = clip_norm
+        self.block_size = dict(block_size) if isinstance(block_size, Mapping) else block_size
+        self.seed = seed
+        self.total_steps = total_steps
+        self.on_budget_exceeded = on_budget_exceeded
+
+        self.session: BloGSSession | None = None
+        self._figures: torch.Tensor | None = None
+        self._restored: dict[str, Any] | None = None
+        self._warned_over_budget = False
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps privatised so far (continued across a resume)."""
+        return 0 if self.session is None else self.session.steps
+
+    @property
+    def epsilon(self) -> float:
+        """The paper's figure after the steps taken so far (0 before the first step)."""
+        return 0.0 if self.session is None else self.session.epsilon
+
+    @property
+    def block_sizes(self) -> dict[str, int]:
+        """Planned block size of every trainable parameter, by name (empty before fit start)."""
+        return {} if self.session is None else self.session.plan.as_dict()
+
+    # ----------------------------------------------------------------------------------- checks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse configurations the callback cannot handle correctly, before any training."""
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
+            raise ValueError(
+                f"DPBloGS does not support strategy={type(trainer.strategy).__name__}: it needs every "
+                "rank to hold the whole aggregated gradient of each tensor, which sharded strategies "
+                "(FSDP, DeepSpeed, model parallel) do not. Use strategy='ddp' or a single device."
+            )
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "DPBloGS supports automatic optimization only (LightningModule.automatic_optimization"
+                " = True); with manual optimization use lightning_blogs.BloGSPrivacyEngine instead."
+            )
+        if trainer.gradient_clip_val:
+            rank_zero_warn(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) clips AFTER DPBloGS has "
+                "clipped and shuffled the gradients: it changes training but not the privacy figure. "
+                "Use DPBloGS(clip_norm=...) for clipping and leave gradient_clip_val unset."
+            )
+
+    # ------------------------------------------------------------------------------- planning
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Plan block sizes (or restore the plan of a resumed run) and build the mechanism."""
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        # Rank 0 draws the entropy and every rank uses it: identical permutations keep DDP
+        # replicas bit-identical. A user seed needs no broadcast.
+        seed = self.seed
+        if seed is None:
+            seed = trainer.strategy.broadcast(entropy_seed() if trainer.is_global_zero else None, src=0)
+        if self._restored is not None:
+            self.session = BloGSSession.from_state_dict(named, self._restored, seed)
+            self._restored = None
+        else:
+            self.session = BloGSSession.plan_for(
+                named,
+                clip_norm=self.clip_norm,
+                delta=self.delta,
+                steps=self._planned_steps(trainer),
+                target_epsilon=self.target_epsilon,
+                block_size=self.block_size,
+                seed=seed,
+                reproducible=self.seed is not None,
+            )
+        plan = self.session.plan
+        # One table of figures on the module's device, so that logging a step copies nothing.
+        dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64
+        figures = [plan.epsilon_after(t) for t in range(plan.steps + 1)]
+        self._figures = torch.tensor(figures, dtype=dtype, device=pl_module.device)
+        rank_zero_warn(_PAPER_FIGURE_MESSAGE, category=PaperFigureWarning)
+        self._log_plan(trainer)
+
+    def _planned_steps(self, trainer: pl.Trainer) -> int:
+        if self.total_steps is not None:
+            return self.total_steps
+        estimated = trainer.estimated_stepping_batches
+        if not math.isfinite(estimated) or estimated < 1:
+            raise ValueError(
+                f"DPBloGS cannot plan for {estimated} optimizer steps (infinite training or an "
+                "iterable dataset without max_steps): pass DPBloGS(total_steps=...) or set "
+                "Trainer(max_steps=...)."
+            )
+        return int(estimated)
+
+    def _log_plan(self, trainer: pl.Trainer) -> None:
+        plan = self.session.plan
+        seed_note = (
+            f"{self.session.mechanism.seed} (user seed: reproducible, not private)"
+            if self.session.reproducible
+            else "os-entropy"
+        )
+        params: dict[str, Any] = {
+            "privacy/mechanism": "dp-blogs (paper figure, not a formal DP guarantee)",
+            "privacy/clip_norm": plan.clip_norm,
+            "privacy/delta": plan.delta,
+            "privacy/planned_steps": plan.steps,
+            "privacy/target_epsilon_blogs_paper": plan.target_epsilon,
+            "privacy/planned_epsilon_blogs_paper": plan.epsilon,
+            "privacy/seed": seed_note,
+        }
+        params.update({f"privacy/block_size/{n}": b for n, b in plan.as_dict().items()})
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)
+        sizes = np.array(plan.block_sizes)
+        rank_zero_info(
+            f"DPBloGS: {len(sizes)} tensors, block sizes min {sizes.min()} / median "
+            f"{int(np.median(sizes))} / max {sizes.max()}, {plan.steps} planned steps, paper figure "
+            f"{plan.epsilon:.4g} at the end (target {plan.target_epsilon}), permutation seed: {seed_note}"
+        )
+
+    # ----------------------------------------------------------------------------- every step
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Clip and block-shuffle the gradients, count the step, log the figure."""
+        session = self.session
+        if session.over_budget:
+            self._handle_over_budget()
+        session.step_()
+        figure = self._figures[session.steps] if session.steps <= session.plan.steps else session.epsilon
+        pl_module.log(EPSILON_KEY, figure, on_step=True, on_epoch=False, prog_bar=True)
+
+    def _handle_over_budget(self) -> None:
+        plan = self.session.plan
+        message = (
+            f"DPBloGS: {plan.steps} optimizer steps were planned for target_epsilon={plan.target_epsilon}; "
+            f"step {self.session.steps + 1} goes past the plan and the paper figure past its target."
+        )
+        if self.on_budget_exceeded == "warn":
+            if not self._warned_over_budget:
+                rank_zero_warn(message + " Continuing (on_budget_exceeded='warn').")
+                self._warned_over_budget = True
+            return
+        if self.on_budget_exceeded == "stop":
+            message += (
+                " Training should have stopped (on_budget_exceeded='stop'); Trainer min_steps or "
+                "min_epochs kept it going."
+            )
+        raise RuntimeError(message)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Stop training once the planned steps are done (``on_budget_exceeded='stop'``)."""
+        if self.on_budget_exceeded == "stop" and self.session.over_budget and not trainer.should_stop:
+            rank_zero_info(f"DPBloGS: the {self.session.plan.steps} planned optimizer steps are done; stopping.")
+            trainer.should_stop = True
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the plan, the step count, and (for a user seed only) the
+        permutation generators' states. An OS-entropy generator state is never written to disk:
+        the resumed run draws fresh entropy."""
+        return {} if self.session is None else self.session.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the checkpoint's state; it is applied at fit start, once the model is known."""
+        self._restored = dict(state_dict)
