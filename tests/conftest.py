@@ -1,3 +1,5 @@
-"""Fixtures shared across test files: tiny fake MNIST / CIFAR-10 in their real file formats."""
+"""Fixtures shared across test files."""
 
-from test_data import fake_cifar, fake_mnist, skip_cifar_md5  # noqa: F401
+from fake_datasets import fake_cifar, fake_mnist, skip_cifar_md5
+
+__all__ = ["fake_cifar", "fake_mnist", "skip_cifar_md5"]
