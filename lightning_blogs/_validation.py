@@ -1,4 +1,4 @@
-"""Small argument checks shared by the data modules and models.
+"""Small argument checks shared by the mechanism, the adapters, the data modules and the models.
 
 Every check raises :class:`ValueError` whose message starts with the argument name and states
 the allowed range, e.g. ``"batch_size must be a positive integer, got 0"``. Booleans are
@@ -8,6 +8,7 @@ caller meant).
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -42,6 +43,20 @@ def check_open_unit_interval(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0:
         raise ValueError(f"{name} must be a number in the open interval (0, 1), got {value!r}")
     return float(value)
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """Return ``value`` as ``float`` if it is a finite real number > 0, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` listing them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
 
 
 def check_positive_int_sequence(name: str, value: object, *, allow_empty: bool = False) -> tuple[int, ...]:

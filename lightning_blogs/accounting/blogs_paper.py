@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lightning_blogs._validation import check_open_unit_interval, check_positive_float, check_positive_int
+
 __all__ = [
     "BlockPlan",
     "UnreachableEpsilonError",
@@ -167,11 +169,7 @@ def _fixed_block_sizes(names: list[str], numels: np.ndarray, override: BlockSize
     else:
         patterns = [("*", override)]
     for pattern, size in patterns:
-        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
-            raise ValueError(
-                f"block_size must be a positive integer or a mapping from parameter-name glob to "
-                f"a positive integer, got {size!r} for {pattern!r}"
-            )
+        check_positive_int(f"block_size[{pattern!r}]", size)
     for i, name in enumerate(names):
         for pattern, size in patterns:  # the first matching glob wins
             if fnmatch.fnmatchcase(name, pattern):
@@ -212,14 +210,11 @@ def plan_block_sizes(
     """
     if not numels:
         raise ValueError("numels is empty: the model has no trainable parameters to protect")
-    if not clip_norm > 0 or not math.isfinite(clip_norm):
-        raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm}")
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if target_epsilon is not None and not target_epsilon > 0:
-        raise ValueError(f"target_epsilon must be > 0 (or None with a fixed block_size), got {target_epsilon}")
+    check_positive_float("clip_norm", clip_norm)
+    check_open_unit_interval("delta", delta)
+    check_positive_int("steps", steps)
+    if target_epsilon is not None:
+        check_positive_float("target_epsilon", target_epsilon)
 
     names = list(numels)
     sizes = np.array([numels[n] for n in names], dtype=np.int64)

@@ -13,6 +13,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_blogs._validation import (
+    check_choice,
+    check_int,
+    check_open_unit_interval,
+    check_positive_float,
+    check_positive_int,
+)
 from lightning_blogs.engine.session import BloGSSession
 from lightning_blogs.mechanism import entropy_seed
 
@@ -92,29 +99,18 @@ class DPBloGS(Callback):
     ) -> None:
         if target_epsilon is None and not isinstance(block_size, int):
             raise ValueError("target_epsilon must be a number > 0, or None together with an integer block_size")
-        if target_epsilon is not None and not (target_epsilon > 0 and math.isfinite(target_epsilon)):
-            raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon}")
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {delta}")
-        if not (clip_norm > 0 and math.isfinite(clip_norm)):
-            raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm}")
-        if isinstance(block_size, bool) or (isinstance(block_size, int) and block_size < 1):
-            raise ValueError(f"block_size must be a positive integer or a mapping, got {block_size!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        self.target_epsilon = None if target_epsilon is None else check_positive_float("target_epsilon", target_epsilon)
+        self.delta = check_open_unit_interval("delta", delta)
+        self.clip_norm = check_positive_float("clip_norm", clip_norm)
+        if isinstance(block_size, Mapping):
+            self.block_size: int | dict[str, int] | None = dict(block_size)
+        else:
+            self.block_size = None if block_size is None else check_positive_int("block_size", block_size)
+        if seed is not None and not 0 <= check_int("seed", seed) < 2**64:
             raise ValueError(f"seed must be None (OS entropy) or an integer in [0, 2**64), got {seed!r}")
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-        ):
-            raise ValueError(f"total_steps must be None or a positive integer, got {total_steps!r}")
-        if on_budget_exceeded not in _BUDGET_ACTIONS:
-            raise ValueError(f"on_budget_exceeded must be one of {_BUDGET_ACTIONS}, got {on_budget_exceeded!r}")
-        self.target_epsilon = target_epsilon
-        self.delta = delta
-        self.clip_norm = clip_norm
-        self.block_size = dict(block_size) if isinstance(block_size, Mapping) else block_size
         self.seed = seed
-        self.total_steps = total_steps
-        self.on_budget_exceeded = on_budget_exceeded
+        self.total_steps = None if total_steps is None else check_positive_int("total_steps", total_steps)
+        self.on_budget_exceeded = check_choice("on_budget_exceeded", on_budget_exceeded, _BUDGET_ACTIONS)
 
         self.session: BloGSSession | None = None
         self._figures: torch.Tensor | None = None

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 
+from lightning_blogs._validation import check_choice, check_positive_float, check_positive_int
 from lightning_blogs.engine.session import BloGSSession
 from lightning_blogs.mechanism import entropy_seed
 
@@ -59,12 +59,8 @@ class BloGSPrivacyEngine:
         seed: int | None = None,
         on_budget_exceeded: Literal["raise", "warn"] = "raise",
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
-            raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon}")
-        if on_budget_exceeded not in _BUDGET_ACTIONS:
-            raise ValueError(f"on_budget_exceeded must be one of {_BUDGET_ACTIONS}, got {on_budget_exceeded!r}")
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.on_budget_exceeded = check_choice("on_budget_exceeded", on_budget_exceeded, _BUDGET_ACTIONS)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in named if id(p) not in in_optimizer]
@@ -72,14 +68,12 @@ class BloGSPrivacyEngine:
             raise ValueError(f"optimizer does not hold these trainable parameters of model: {missing[:5]}")
         self.optimizer = optimizer
         self.model = model
-        self.batch_size = batch_size
-        self.on_budget_exceeded = on_budget_exceeded
         self.session = BloGSSession.plan_for(
             named,
             clip_norm=clip_value,
             delta=delta,
             steps=steps,
-            target_epsilon=target_epsilon,
+            target_epsilon=check_positive_float("target_epsilon", target_epsilon),
             block_size=block_size,
             seed=entropy_seed() if seed is None else seed,
             reproducible=seed is not None,
