@@ -92,8 +92,10 @@ def compose_epsilon(step_epsilon: float, steps: int, delta: float) -> float:
 
 def max_step_epsilon(target_epsilon: float, steps: int, delta: float) -> float:
     """Largest per-step figure whose composition over ``steps`` stays ``<= target_epsilon``."""
-    lo, hi = 0.0, target_epsilon  # compose_epsilon(s) >= s * sqrt(2 ln(1/delta)) > s for T >= 1
-    for _ in range(200):
+    lo, hi = 0.0, target_epsilon
+    while compose_epsilon(hi, steps, delta) <= target_epsilon:  # only when 2 T ln(1/delta) < 1
+        lo, hi = hi, 2.0 * hi
+    for _ in range(2000):
         mid = 0.5 * (lo + hi)
         if mid in (lo, hi):
             break
@@ -229,29 +231,13 @@ def plan_block_sizes(
             "give a target_epsilon or a block size for every parameter"
         )
 
-    fixed_eps = float(tensor_epsilon(sizes[~free], blocks[~free], clip_norm).sum())
     if free.any():
-        budget = max_step_epsilon(target_epsilon, steps, delta) - fixed_eps
-        unique, inverse = np.unique(sizes[free], return_inverse=True)
-        unique_blocks = _plan_free(unique, np.bincount(inverse), budget, clip_norm)
-        if unique_blocks is None:
-            smallest = compose_epsilon(fixed_eps + float(tensor_epsilon(sizes[free], 1, clip_norm).sum()), steps, delta)
-            raise UnreachableEpsilonError(
-                f"target_epsilon={target_epsilon:g} cannot be reached: with clip_norm={clip_norm:g}, "
-                f"delta={delta:g} and {steps} optimizer steps the smallest reachable figure "
-                f"(block size 1 for every tensor) is {smallest:.6g}. Lower clip_norm (the figure "
-                f"shrinks with it), train for fewer steps, raise delta, or raise target_epsilon.",
-                smallest_epsilon=smallest,
-            )
-        blocks[free] = unique_blocks[inverse]
-
+        blocks = _plan_free(sizes, blocks, clip_norm, delta, steps, target_epsilon)
     tensor_eps = tensor_epsilon(sizes, blocks, clip_norm)
     step_eps = float(tensor_eps.sum())
     total = compose_epsilon(step_eps, steps, delta)
     if target_epsilon is not None and total > target_epsilon:
-        smallest = compose_epsilon(
-            float(tensor_epsilon(sizes, np.where(free, 1, blocks), clip_norm).sum()), steps, delta
-        )
+        smallest = _figure(sizes, np.where(free, 1, blocks), clip_norm, delta, steps)
         raise UnreachableEpsilonError(
             f"the fixed block_size gives a figure of {total:.6g} after {steps} steps, above "
             f"target_epsilon={target_epsilon:g}; smallest reachable with these fixed sizes: "
@@ -272,30 +258,57 @@ def plan_block_sizes(
     )
 
 
-def _plan_free(numel: np.ndarray, count: np.ndarray, budget: float, clip_norm: float) -> np.ndarray | None:
-    """Block sizes for distinct tensor sizes ``numel`` (``count`` tensors each) within ``budget``.
+def _figure(sizes: np.ndarray, blocks: np.ndarray, clip_norm: float, delta: float, steps: int) -> float:
+    """The composed figure of a full assignment of block sizes (the one check every plan passes)."""
+    return compose_epsilon(float(tensor_epsilon(sizes, blocks, clip_norm).sum()), steps, delta)
 
-    Bisects the common per-tensor budget ``t``: the step figure ``sum_i eps_i(B_i(t))`` does not
-    decrease with ``t``. Returns None when even block size 1 everywhere exceeds ``budget``.
+
+def _plan_free(
+    sizes: np.ndarray, blocks: np.ndarray, clip_norm: float, delta: float, steps: int, target_epsilon: float
+) -> np.ndarray:
+    """Fill the entries of ``blocks`` that are 0 (free tensors) so that the figure meets the target.
+
+    Bisects the common per-tensor budget ``t``: the figure of "every free tensor at its largest
+    block size within ``t``" does not decrease with ``t``. Every candidate is judged by
+    :func:`_figure` on the whole assignment, the same computation as the final check, so no
+    rounding difference can make a plan overshoot or fall short of a reachable target.
+
+    Raises:
+        UnreachableEpsilonError: even block size 1 for every free tensor exceeds the target.
     """
+    free = blocks == 0
+    unique, inverse = np.unique(sizes[free], return_inverse=True)
 
-    def step_epsilon(blocks: np.ndarray) -> float:
-        return float((count * tensor_epsilon(numel, blocks, clip_norm)).sum())
+    def candidate(budget: float) -> np.ndarray:
+        result = blocks.copy()
+        result[free] = _largest_block_sizes(unique, budget, clip_norm)[inverse]
+        return result
 
-    ones = np.ones_like(numel)
-    if not step_epsilon(ones) <= budget:
-        return None
-    lo, hi = 0.0, float(tensor_epsilon(numel, numel, clip_norm).max())
-    best = ones
-    if step_epsilon(_largest_block_sizes(numel, hi, clip_norm)) <= budget:
-        return _largest_block_sizes(numel, hi, clip_norm)
-    for _ in range(100):
+    def fits(assignment: np.ndarray) -> bool:
+        return _figure(sizes, assignment, clip_norm, delta, steps) <= target_epsilon
+
+    smallest = np.where(free, 1, blocks)
+    if not fits(smallest):
+        figure = _figure(sizes, smallest, clip_norm, delta, steps)
+        raise UnreachableEpsilonError(
+            f"target_epsilon={target_epsilon:g} cannot be reached: with clip_norm={clip_norm:g}, "
+            f"delta={delta:g} and {steps} optimizer steps the smallest reachable figure "
+            f"(block size 1 for every tensor) is {figure:.6g}. Lower clip_norm (the figure "
+            f"shrinks with it), train for fewer steps, raise delta, or raise target_epsilon.",
+            smallest_epsilon=figure,
+        )
+    hi = float(tensor_epsilon(unique, unique, clip_norm).max())  # every free tensor in one block
+    best = candidate(hi)
+    if fits(best):
+        return best
+    lo, best = 0.0, smallest
+    for _ in range(200):
         mid = 0.5 * (lo + hi)
         if mid in (lo, hi):
             break
-        blocks = _largest_block_sizes(numel, mid, clip_norm)
-        if step_epsilon(blocks) <= budget:
-            lo, best = mid, blocks
+        assignment = candidate(mid)
+        if fits(assignment):
+            lo, best = mid, assignment
         else:
             hi = mid
     return best

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from lightning_blogs.mechanism.clipping import clip_per_tensor_
-from lightning_blogs.mechanism.randomness import make_generator
+from lightning_blogs.mechanism.randomness import PermutationSource
 from lightning_blogs.mechanism.shuffle import block_shuffle_
 
 __all__ = ["BlockShuffleMechanism"]
@@ -19,9 +19,9 @@ class BlockShuffleMechanism:
 
     Each call to :meth:`privatize_` clips every gradient to ``clip_norm`` (one clip per tensor,
     on the aggregated gradient) and then shuffles its blocks, in place, on the gradient's own
-    device, with no host-device synchronisation. Permutations come from one ``torch.Generator``
-    per device, seeded with ``seed``: processes that share the seed and the parameter order draw
-    identical permutations (what keeps DDP replicas equal).
+    device, with no host-device synchronisation. Permutations come from a
+    :class:`PermutationSource` seeded with ``seed``: processes that share the seed and the
+    parameter order draw identical permutations (what keeps DDP replicas equal).
 
     This class knows nothing of Lightning or of privacy figures; the callback and the plain
     PyTorch engine are thin adapters over it.
@@ -50,13 +50,12 @@ class BlockShuffleMechanism:
         self.params = list(params)
         self.block_sizes = [int(b) for b in block_sizes]
         self.clip_norm = float(clip_norm)
-        self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.source = PermutationSource(seed)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = make_generator(self.seed, device)
-        return self._generators[device]
+    @property
+    def seed(self) -> int:
+        """The permutation seed."""
+        return self.source.seed
 
     @torch.no_grad()
     def privatize_(self) -> None:
@@ -67,13 +66,12 @@ class BlockShuffleMechanism:
             raise RuntimeError("DP-BloGS does not support sparse gradients")
         clip_per_tensor_([g for g, _ in pairs], self.clip_norm)
         for grad, block_size in pairs:
-            block_shuffle_(grad, block_size, self._generator(grad.device))
+            block_shuffle_(grad, block_size, self.source)
 
     def generator_state_dict(self) -> dict[str, Any]:
-        """States of the permutation generators, by device (to resume a seeded run exactly)."""
-        return {str(device): g.get_state() for device, g in self._generators.items()}
+        """State of the permutation source (to resume a seeded run exactly)."""
+        return self.source.state_dict()
 
-    def load_generator_state_dict(self, states: Mapping[str, torch.Tensor]) -> None:
-        """Restore generator states saved by :meth:`generator_state_dict`."""
-        for device, state in states.items():
-            self._generator(torch.device(device)).set_state(state)
+    def load_generator_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state saved by :meth:`generator_state_dict`."""
+        self.source.load_state_dict(dict(state))

@@ -4,35 +4,85 @@ Shuffle permutations (and, later, noise) must not be predictable by anyone who d
 training: a generator seeded from a guessable value can be replayed. So every generator here is
 seeded from the operating system's entropy pool unless the user asks for a fixed seed, which makes
 a run reproducible and, by the same token, not private against whoever knows the seed.
+
+A 64-bit seed is only worth 64 bits if the generator keeps them all. torch's CPU generator
+(mt19937) keeps the low 32 bits of its seed, so 2**32 candidate seeds would replay every CPU
+permutation; CPU permutations therefore come from NumPy's PCG64, whose ``SeedSequence`` uses the
+whole seed. CUDA (and other accelerator) generators are Philox-based and keep all 64 bits, so
+permutations there are drawn on the device by ``torch.randperm`` without touching the host.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["entropy_seed", "make_generator"]
+__all__ = ["PermutationSource", "entropy_seed", "make_generator"]
 
-# torch.Generator.manual_seed accepts values in [0, 2**64).
-_SEED_BYTES = 8
+SEED_BITS = 64
 
 
 def entropy_seed() -> int:
     """Draw a fresh 64-bit seed from the operating system's entropy pool (``os.urandom``)."""
-    return int.from_bytes(os.urandom(_SEED_BYTES), "little")
+    return int.from_bytes(os.urandom(SEED_BITS // 8), "little")
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**SEED_BITS:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """Return a ``torch.Generator`` on ``device`` seeded with ``seed``.
+    """Return a ``torch.Generator`` on ``device`` seeded with ``seed`` in ``[0, 2**64)``.
+
+    On CUDA the whole seed keys Philox. On the CPU torch keeps only its low 32 bits: use
+    :class:`PermutationSource` for privacy-relevant CPU draws.
+    """
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(_check_seed(seed))
+    return generator
+
+
+class PermutationSource:
+    """Uniformly random permutations on any device, from one seed that keeps all its 64 bits.
+
+    CPU permutations come from NumPy's PCG64 seeded through ``SeedSequence(seed)``; permutations
+    for a device come from a Philox ``torch.Generator`` on that device, created on first use,
+    drawn with ``torch.randperm`` there (no host-device copy, no synchronisation).
 
     Args:
         seed: integer in ``[0, 2**64)``; use :func:`entropy_seed` for a private run.
-        device: device whose kernels will consume the generator (a CUDA generator for CUDA
-            tensors, so that drawing a permutation never leaves the device).
     """
-    if not 0 <= seed < 2 ** (8 * _SEED_BYTES):
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
-    generator = torch.Generator(device=torch.device(device))
-    generator.manual_seed(seed)
-    return generator
+
+    def __init__(self, seed: int) -> None:
+        self.seed = _check_seed(seed)
+        self._cpu = np.random.Generator(np.random.PCG64(self.seed))
+        self._devices: dict[torch.device, torch.Generator] = {}
+
+    def randperm(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A uniformly random permutation of ``range(n)`` as an int64 tensor on ``device``."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return torch.from_numpy(self._cpu.permutation(n))
+        if device not in self._devices:
+            self._devices[device] = make_generator(self.seed, device)
+        return torch.randperm(n, generator=self._devices[device], device=device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generators' states (plain Python values and byte tensors), to resume exactly."""
+        return {
+            "cpu": self._cpu.bit_generator.state,
+            "devices": {str(d): g.get_state() for d, g in self._devices.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore states saved by :meth:`state_dict`."""
+        if "cpu" in state:
+            self._cpu.bit_generator.state = state["cpu"]
+        for device, generator_state in state.get("devices", {}).items():
+            device = torch.device(device)
+            self._devices.setdefault(device, make_generator(self.seed, device)).set_state(generator_state)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_blogs.mechanism.randomness import PermutationSource
+
 __all__ = ["block_shuffle_", "num_blocks"]
 
 
@@ -12,20 +14,20 @@ def num_blocks(numel: int, block_size: int) -> int:
     return -(-numel // block_size)
 
 
-def block_shuffle_(tensor: torch.Tensor, block_size: int, generator: torch.Generator) -> None:
+def block_shuffle_(tensor: torch.Tensor, block_size: int, source: PermutationSource) -> None:
     """Cut ``tensor`` (flattened) into blocks and permute the blocks uniformly at random, in place.
 
     Blocks hold ``block_size`` consecutive entries of the flattened tensor; when ``block_size``
     does not divide ``tensor.numel()`` the last block is shorter and is permuted like any other
     block, so the output is always a permutation of the input entries (nothing is padded or
-    dropped). The permutation is drawn by ``torch.randperm`` on the tensor's own device with
-    ``generator`` (which must live on that device); no value is copied to the host.
+    dropped). The permutation is drawn from ``source`` directly on the tensor's device; no value
+    is copied between host and device.
 
     Args:
         tensor: contiguous tensor, modified in place.
         block_size: entries per block, an integer in ``[1, tensor.numel()]``; values above
             ``numel`` are treated as ``numel`` (a single block: nothing moves).
-        generator: ``torch.Generator`` on ``tensor.device``.
+        source: where the permutation comes from (seeded from OS entropy for a private run).
     """
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size}")
@@ -36,19 +38,18 @@ def block_shuffle_(tensor: torch.Tensor, block_size: int, generator: torch.Gener
     if n_blocks <= 1:
         return
     flat = tensor.view(-1)
-    perm = torch.randperm(n_blocks, generator=generator, device=tensor.device)
+    perm = source.randperm(n_blocks, tensor.device)
     remainder = numel % block_size
     if remainder == 0:
         blocks = flat.view(n_blocks, block_size)
         blocks.copy_(blocks[perm])
         return
-    # Ragged case: block k starts at k * block_size in the input; output block j is input block
-    # perm[j]. Entry index = output position + (source start - output start) of its block.
-    lengths = torch.full((n_blocks,), block_size, dtype=torch.long, device=tensor.device)
-    lengths[-1] = remainder
-    out_lengths = lengths[perm]
-    out_starts = torch.cumsum(out_lengths, 0) - out_lengths
-    shift = perm * block_size - out_starts
-    index = torch.arange(numel, device=tensor.device)
-    index += torch.repeat_interleave(shift, out_lengths, output_size=numel)
-    flat.copy_(flat[index])
+    # Ragged case: the short block (input block n_blocks - 1) lands at output block r. Output
+    # position j is position j' = j + (B - remainder) [j >= r B + remainder] of the padded layout,
+    # whose block j' // B is input block perm[j' // B]. Elementwise only: no sizes from the device.
+    padding = block_size - remainder
+    short_at = torch.argmax((perm == n_blocks - 1).to(torch.uint8))
+    position = torch.arange(numel, device=tensor.device)
+    position += (position >= short_at * block_size + remainder) * padding
+    source = perm[position // block_size] * block_size + position % block_size
+    flat.copy_(flat[source])
