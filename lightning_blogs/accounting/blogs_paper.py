@@ -34,6 +34,7 @@ __all__ = [
     "BlockPlan",
     "UnreachableEpsilonError",
     "compose_epsilon",
+    "composition_coefficients",
     "max_step_epsilon",
     "plan_block_sizes",
     "tensor_epsilon",
@@ -76,6 +77,18 @@ def tensor_epsilon(numel: np.ndarray | int, block_size: np.ndarray | int, clip_n
     return np.minimum(tensor_epsilon_dense(numel, clip_norm), tensor_epsilon_blocks(numel, block_size, clip_norm))
 
 
+def composition_coefficients(step_epsilon: float, delta: float) -> tuple[float, float]:
+    """``(a, b)`` such that the composed figure after T steps is ``a sqrt(T) + b T``.
+
+    ``a = sqrt(2 ln(1/delta)) eps_step`` and ``b = eps_step (exp(eps_step) - 1)`` (inf on overflow).
+    """
+    try:
+        linear = step_epsilon * math.expm1(step_epsilon)
+    except OverflowError:
+        linear = math.inf
+    return math.sqrt(2.0 * math.log(1.0 / delta)) * step_epsilon, linear
+
+
 def compose_epsilon(step_epsilon: float, steps: int, delta: float) -> float:
     """The paper's composition over ``steps`` optimizer steps (advanced composition form).
 
@@ -83,11 +96,8 @@ def compose_epsilon(step_epsilon: float, steps: int, delta: float) -> float:
     """
     if steps == 0:
         return 0.0
-    try:
-        tail = steps * step_epsilon * math.expm1(step_epsilon)
-    except OverflowError:
-        return math.inf
-    return math.sqrt(2.0 * steps * math.log(1.0 / delta)) * step_epsilon + tail
+    sqrt_coefficient, linear_coefficient = composition_coefficients(step_epsilon, delta)
+    return sqrt_coefficient * math.sqrt(steps) + linear_coefficient * steps
 
 
 def max_step_epsilon(target_epsilon: float, steps: int, delta: float) -> float:
@@ -159,6 +169,10 @@ class BlockPlan:
     def epsilon_after(self, steps: int) -> float:
         """The paper's figure after ``steps`` optimizer steps with this plan."""
         return compose_epsilon(self.step_epsilon, steps, self.delta)
+
+    def composition_coefficients(self) -> tuple[float, float]:
+        """``(a, b)`` with ``epsilon_after(T) = a sqrt(T) + b T``: the figure as a formula in T."""
+        return composition_coefficients(self.step_epsilon, self.delta)
 
 
 def _fixed_block_sizes(names: list[str], numels: np.ndarray, override: BlockSizeOverride) -> np.ndarray:

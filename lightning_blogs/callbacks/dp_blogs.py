@@ -103,7 +103,9 @@ class DPBloGS(Callback):
         self.delta = check_open_unit_interval("delta", delta)
         self.clip_norm = check_positive_float("clip_norm", clip_norm)
         if isinstance(block_size, Mapping):
-            self.block_size: int | dict[str, int] | None = dict(block_size)
+            self.block_size: int | dict[str, int] | None = {
+                str(glob): check_positive_int(f"block_size[{glob!r}]", size) for glob, size in block_size.items()
+            }
         else:
             self.block_size = None if block_size is None else check_positive_int("block_size", block_size)
         if seed is not None and not 0 <= check_int("seed", seed) < 2**64:
@@ -113,7 +115,8 @@ class DPBloGS(Callback):
         self.on_budget_exceeded = check_choice("on_budget_exceeded", on_budget_exceeded, _BUDGET_ACTIONS)
 
         self.session: BloGSSession | None = None
-        self._figures: torch.Tensor | None = None
+        self._device_steps: torch.Tensor | None = None
+        self._figure_coefficients = (0.0, 0.0)
         self._restored: dict[str, Any] | None = None
         self._warned_over_budget = False
 
@@ -178,11 +181,12 @@ class DPBloGS(Callback):
                 seed=seed,
                 reproducible=self.seed is not None,
             )
+        # The figure is evaluated on the module's device from a device-side step counter, so that
+        # logging it every step neither copies to the device nor reads back from it.
         plan = self.session.plan
-        # One table of figures on the module's device, so that logging a step copies nothing.
         dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64
-        figures = [plan.epsilon_after(t) for t in range(plan.steps + 1)]
-        self._figures = torch.tensor(figures, dtype=dtype, device=pl_module.device)
+        self._device_steps = torch.tensor(float(self.session.steps), dtype=dtype, device=pl_module.device)
+        self._figure_coefficients = plan.composition_coefficients()
         rank_zero_warn(_PAPER_FIGURE_MESSAGE, category=PaperFigureWarning)
         self._log_plan(trainer)
 
@@ -233,7 +237,9 @@ class DPBloGS(Callback):
         if session.over_budget:
             self._handle_over_budget()
         session.step_()
-        figure = self._figures[session.steps] if session.steps <= session.plan.steps else session.epsilon
+        self._device_steps += 1
+        sqrt_coefficient, linear_coefficient = self._figure_coefficients
+        figure = sqrt_coefficient * self._device_steps.sqrt() + linear_coefficient * self._device_steps
         pl_module.log(EPSILON_KEY, figure, on_step=True, on_epoch=False, prog_bar=True)
 
     def _handle_over_budget(self) -> None:
