@@ -46,9 +46,10 @@ def compose_run(overrides: list[str], output_dir: Path):
 
 
 def run_app(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run the console script as a user would (it must find its configs from any directory)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_blogs.train", *args],
+        [str(Path(sys.executable).with_name("lightning-blogs-train")), *args],
         cwd=cwd,
         env=env,
         capture_output=True,
