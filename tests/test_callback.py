@@ -248,3 +248,14 @@ def test_block_size_override_mapping() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         assert cb.session.plan.epsilon <= 20.0
+
+
+def test_a_second_fit_continues_the_count() -> None:
+    module = TinyClassifier()
+    cb = DPBloGS(target_epsilon=20.0, clip_norm=0.05, total_steps=12, on_budget_exceeded="warn")
+    quiet_trainer(max_epochs=1, callbacks=[cb]).fit(module, tiny_loader())
+    first = cb.epsilon
+    assert cb.steps == 6
+    quiet_trainer(max_epochs=1, callbacks=[cb]).fit(module, tiny_loader())
+    assert cb.steps == 12 and cb.epsilon > first
+    assert cb.epsilon == pytest.approx(cb.session.plan.epsilon, rel=1e-12)

@@ -15,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException, MissingConfigException
 from omegaconf import open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lightning_blogs
 from lightning_blogs.train import train
@@ -109,9 +110,22 @@ def test_multirun_sweeps_two_values(tmp_path) -> None:
 
 
 def test_a_finished_run_is_never_overwritten(tmp_path) -> None:
-    short = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
+    short = [
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=1",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+    ]
     first = train(compose_run(short, tmp_path))
     assert Path(first["best_checkpoint"]).is_file()
+    # The figure went to TensorBoard (the default logger) under its own name, never as a proven bound.
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "privacy/epsilon_blogs_paper" in tags and "privacy/epsilon" not in tags
+    logged = events.Scalars("privacy/epsilon_blogs_paper")
+    assert len(logged) == first["optimizer_steps"] == 2
+    assert logged[-1].value == pytest.approx(first["privacy"]["privacy/epsilon_blogs_paper"], rel=1e-6)
     before = (tmp_path / "summary.json").read_text()
     with pytest.raises(FileExistsError, match="hydra.run.dir"):
         train(compose_run(short, tmp_path))

@@ -167,8 +167,11 @@ class DPBloGS(Callback):
         seed = self.seed
         if seed is None:
             seed = trainer.strategy.broadcast(entropy_seed() if trainer.is_global_zero else None, src=0)
-        if self._restored is not None:
-            self.session = BloGSSession.from_state_dict(named, self._restored, seed)
+        # A checkpoint's state, or this callback's own from an earlier fit: either way the run
+        # continues its plan and its step count; it never starts again from zero.
+        previous = self._restored if self._restored is not None else self.state_dict() or None
+        if previous is not None:
+            self.session = BloGSSession.from_state_dict(named, previous, seed)
             self._restored = None
         else:
             self.session = BloGSSession.plan_for(
@@ -274,5 +277,8 @@ class DPBloGS(Callback):
         return {} if self.session is None else self.session.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the checkpoint's state; it is applied at fit start, once the model is known."""
+        """Keep the checkpoint's state; it is applied at fit start, once the model is known.
+
+        Lightning skips an empty state (a checkpoint saved before fit start): the run is then
+        planned afresh."""
         self._restored = dict(state_dict)
