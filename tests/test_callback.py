@@ -52,10 +52,9 @@ class CountingBloGS(DPBloGS):
 
 
 def test_runs_once_per_optimizer_step_with_accumulation() -> None:
-    cb = CountingBloGS(target_epsilon=50.0, clip_norm=0.1, seed=0)
     # 6 batches per epoch, accumulate 3 -> 2 optimizer steps per epoch; 7 batches -> 3 (last partial).
     for n_batches, expected_per_epoch in ((6, 2), (7, 3)):
-        cb.privatized = 0
+        cb = CountingBloGS(target_epsilon=50.0, clip_norm=0.1, seed=0)
         trainer = quiet_trainer(max_epochs=2, accumulate_grad_batches=3, callbacks=[cb])
         trainer.fit(TinyClassifier(), tiny_loader(n=8 * n_batches))
         assert trainer.global_step == 2 * expected_per_epoch
