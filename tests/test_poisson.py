@@ -303,3 +303,26 @@ class _Opaque(Dataset):
 def test_bad_arguments_raise_naming_the_argument(build: Any, name: str) -> None:
     with pytest.raises(ValueError, match=rf"^{name} must"):
         build()
+
+
+def test_image_classifier_trains_through_empty_poisson_batches() -> None:
+    import lightning.pytorch as pl
+
+    from lightning_blogs.data import DigitsDataModule
+    from lightning_blogs.models import ImageClassifier, SmallCNN
+    from lightning_blogs.sampling import PoissonDataModule
+
+    # q * n = 0.0008 * 1257 ~ 1 example per batch: about a third of the batches are empty.
+    datamodule = PoissonDataModule(DigitsDataModule(batch_size=64), sample_rate=0.0008, steps=30, seed=3)
+    module = ImageClassifier(SmallCNN(in_channels=1, image_size=8, num_classes=10))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 30
+    assert all(torch.isfinite(p).all() for p in module.parameters())

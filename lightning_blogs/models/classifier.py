@@ -122,9 +122,13 @@ class ImageClassifier(LightningModule):
     def _step(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> Tensor:
         x, y = batch
         logits = self(x)
+        batch_size = y.shape[0]
+        if batch_size == 0:
+            # Poisson sampling yields empty batches, which still count as steps: return a zero
+            # loss (zero gradient) instead of the NaN of a mean over nothing, and log nothing.
+            return logits.sum() * 0.0
         loss = self.criterion(logits, y)
         accuracy(logits, y)
-        batch_size = y.shape[0]
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
         self.log(
             f"{stage}/acc",
