@@ -177,11 +177,11 @@ def test_budget_exceeded_actions(action) -> None:
         assert trainer.global_step == cb.steps == 4
         assert cb.epsilon <= 50.0
     elif action == "warn":
-        with pytest.warns(UserWarning, match="goes past the plan"):
+        with pytest.warns(UserWarning, match="goes past it"):
             trainer.fit(TinyClassifier(), tiny_loader())
         assert cb.steps == 12 and cb.epsilon > cb.session.plan.epsilon
     else:
-        with pytest.raises(RuntimeError, match="step 5 goes past the plan"):
+        with pytest.raises(RuntimeError, match="step 5 goes past it"):
             trainer.fit(TinyClassifier(), tiny_loader())
         assert cb.steps == 4
 

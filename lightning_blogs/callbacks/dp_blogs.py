@@ -20,13 +20,31 @@ from lightning_blogs._validation import (
     check_positive_float,
     check_positive_int,
 )
+from lightning_blogs.accounting.gaussian import ACCOUNTANTS, GaussianAccountant, calibrate_noise_multiplier
 from lightning_blogs.engine.session import BloGSSession
 from lightning_blogs.mechanism import entropy_seed
+from lightning_blogs.sampling import is_poisson_sampled, poisson_sample_rate
 
-__all__ = ["DPBloGS", "PaperFigureWarning"]
+__all__ = ["DPBloGS", "FormalAccounting", "NotPoissonSampledWarning", "PaperFigureWarning"]
 
 EPSILON_KEY = "privacy/epsilon_blogs_paper"
+PROVEN_EPSILON_KEY = "privacy/epsilon"
+UNPROVEN_EPSILON_KEY = "privacy/epsilon_if_poisson_sampled"
+DELTA_KEY = "privacy/delta"
 _BUDGET_ACTIONS = ("stop", "warn", "raise")
+_GUARANTEES = ("paper", "formal")
+
+
+class NotPoissonSampledWarning(UserWarning):
+    """The training loader is not Poisson-sampled, so the accountant's epsilon is not a proven bound."""
+
+
+_NOT_POISSON_MESSAGE = (
+    "DPBloGS(guarantee='formal'): the training DataLoader is NOT Poisson-sampled, so the subsampled-Gaussian "
+    "accountant's epsilon is NOT a proven bound for this run (shuffled fixed-size batches do not match its "
+    "assumptions). It is logged as '" + UNPROVEN_EPSILON_KEY + "', not as '" + PROVEN_EPSILON_KEY + "'. "
+    "Wrap the data module in lightning_blogs.sampling.PoissonDataModule for a proven bound."
+)
 
 
 class PaperFigureWarning(UserWarning):
@@ -96,8 +114,23 @@ class DPBloGS(Callback):
         seed: int | None = None,
         total_steps: int | None = None,
         on_budget_exceeded: Literal["stop", "warn", "raise"] = "stop",
+        noise_multiplier: float | None = None,
+        guarantee: Literal["paper", "formal"] | None = None,
+        accountant: Literal["rdp", "pld"] = "rdp",
     ) -> None:
-        if target_epsilon is None and not isinstance(block_size, int):
+        # A noise multiplier means the formal mode; "paper" is the published mechanism.
+        self.guarantee = check_choice(
+            "guarantee", guarantee or ("formal" if noise_multiplier is not None else "paper"), _GUARANTEES
+        )
+        if noise_multiplier is not None and self.guarantee == "paper":
+            raise ValueError("noise_multiplier needs guarantee='formal' (or None): the paper's mechanism adds no noise")
+        self.noise_multiplier = (
+            None if noise_multiplier is None else check_positive_float("noise_multiplier", noise_multiplier)
+        )
+        self.accountant = check_choice("accountant", accountant, ACCOUNTANTS)
+        if self.guarantee == "formal" and target_epsilon is None and noise_multiplier is None:
+            raise ValueError("guarantee='formal' needs a target_epsilon (to calibrate the noise) or a noise_multiplier")
+        if self.guarantee == "paper" and target_epsilon is None and not isinstance(block_size, int):
             raise ValueError("target_epsilon must be a number > 0, or None together with an integer block_size")
         self.target_epsilon = None if target_epsilon is None else check_positive_float("target_epsilon", target_epsilon)
         self.delta = check_open_unit_interval("delta", delta)
@@ -115,6 +148,7 @@ class DPBloGS(Callback):
         self.on_budget_exceeded = check_choice("on_budget_exceeded", on_budget_exceeded, _BUDGET_ACTIONS)
 
         self.session: BloGSSession | None = None
+        self.formal: FormalAccounting | None = None
         self._device_steps: torch.Tensor | None = None
         self._figure_coefficients = (0.0, 0.0)
         self._restored: dict[str, Any] | None = None
@@ -124,11 +158,6 @@ class DPBloGS(Callback):
     def steps(self) -> int:
         """Optimizer steps privatised so far (continued across a resume)."""
         return 0 if self.session is None else self.session.steps
-
-    @property
-    def epsilon(self) -> float:
-        """The paper's figure after the steps taken so far (0 before the first step)."""
-        return 0.0 if self.session is None else self.session.epsilon
 
     @property
     def block_sizes(self) -> dict[str, int]:
@@ -172,7 +201,10 @@ class DPBloGS(Callback):
         previous = self._restored if self._restored is not None else self.state_dict() or None
         if previous is not None:
             self.session = BloGSSession.from_state_dict(named, previous, seed)
+            self.formal = FormalAccounting.from_state_dict(previous["formal"]) if previous.get("formal") else None
             self._restored = None
+        elif self.guarantee == "formal":
+            self._start_formal(trainer, named, seed)
         else:
             self.session = BloGSSession.plan_for(
                 named,
@@ -184,14 +216,53 @@ class DPBloGS(Callback):
                 seed=seed,
                 reproducible=self.seed is not None,
             )
-        # The figure is evaluated on the module's device from a device-side step counter, so that
-        # logging it every step neither copies to the device nor reads back from it.
-        plan = self.session.plan
-        dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64
-        self._device_steps = torch.tensor(float(self.session.steps), dtype=dtype, device=pl_module.device)
-        self._figure_coefficients = plan.composition_coefficients()
-        rank_zero_warn(_PAPER_FIGURE_MESSAGE, category=PaperFigureWarning)
+        if self.formal is None:
+            # The paper figure is evaluated on the module's device from a device-side step counter,
+            # so that logging it every step neither copies to the device nor reads back from it.
+            dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64
+            self._device_steps = torch.tensor(float(self.session.steps), dtype=dtype, device=pl_module.device)
+            self._figure_coefficients = self.session.plan.composition_coefficients()
+            rank_zero_warn(_PAPER_FIGURE_MESSAGE, category=PaperFigureWarning)
+        elif not self.formal.poisson:
+            rank_zero_warn(_NOT_POISSON_MESSAGE, category=NotPoissonSampledWarning)
         self._log_plan(trainer)
+
+    def _start_formal(self, trainer: pl.Trainer, named: list[tuple[str, torch.nn.Parameter]], seed: int) -> None:
+        """Formal mode: find the sampling rate, calibrate (or take) sigma, count the allowed steps."""
+        steps = self._planned_steps(trainer)
+        loader = trainer.train_dataloader
+        poisson = is_poisson_sampled(loader)
+        if poisson:
+            sample_rate = poisson_sample_rate(loader)
+        else:  # the nominal rate of shuffled fixed-size batches; the bound then does not apply
+            sample_rate = min(1.0, loader.batch_size * trainer.world_size / len(loader.dataset))
+        sigma = self.noise_multiplier
+        if sigma is None:
+            sigma = calibrate_noise_multiplier(self.target_epsilon, self.delta, sample_rate, steps, self.accountant)
+        self.formal = FormalAccounting(GaussianAccountant(self.accountant), sigma, sample_rate, poisson)
+        self.formal.allowed_steps = (
+            steps
+            if self.target_epsilon is None
+            else self.formal.accountant.steps_within_budget(sigma, sample_rate, self.target_epsilon, self.delta, steps)
+        )
+        if self.formal.allowed_steps == 0:
+            raise ValueError(
+                f"DPBloGS: with noise_multiplier={sigma:g} and sample rate {sample_rate:g}, a single step already "
+                f"exceeds target_epsilon={self.target_epsilon:g}; raise noise_multiplier or target_epsilon"
+            )
+        # The shuffle is post-processing: it costs nothing in the proven bound. Block size 1 (the
+        # paper's strongest setting) unless the user chose.
+        self.session = BloGSSession.plan_for(
+            named,
+            clip_norm=self.clip_norm,
+            delta=self.delta,
+            steps=steps,
+            target_epsilon=None,
+            block_size=1 if self.block_size is None else self.block_size,
+            seed=seed,
+            reproducible=self.seed is not None,
+            noise_multiplier=sigma,
+        )
 
     def _planned_steps(self, trainer: pl.Trainer) -> int:
         if self.total_steps is not None:
@@ -206,50 +277,91 @@ class DPBloGS(Callback):
         return int(estimated)
 
     def _log_plan(self, trainer: pl.Trainer) -> None:
-        plan = self.session.plan
+        plan, formal = self.session.plan, self.formal
         seed_note = (
             f"{self.session.mechanism.seed} (user seed: reproducible, not private)"
             if self.session.reproducible
             else "os-entropy"
         )
         params: dict[str, Any] = {
-            "privacy/mechanism": "dp-blogs (paper figure, not a formal DP guarantee)",
             "privacy/clip_norm": plan.clip_norm,
             "privacy/delta": plan.delta,
-            "privacy/planned_steps": plan.steps,
-            "privacy/target_epsilon_blogs_paper": plan.target_epsilon,
-            "privacy/planned_epsilon_blogs_paper": plan.epsilon,
             "privacy/seed": seed_note,
         }
+        if formal is None:
+            params.update(
+                {
+                    "privacy/mechanism": "dp-blogs (paper figure, not a formal DP guarantee)",
+                    "privacy/planned_steps": plan.steps,
+                    "privacy/target_epsilon_blogs_paper": plan.target_epsilon,
+                    "privacy/planned_epsilon_blogs_paper": plan.epsilon,
+                }
+            )
+            summary = f"paper figure {plan.epsilon:.4g} after {plan.steps} steps (target {plan.target_epsilon})"
+        else:
+            params.update(
+                {
+                    "privacy/mechanism": "dp-blogs formal (per-tensor clip + Gaussian noise + shuffle)",
+                    "privacy/noise_multiplier": formal.noise_multiplier,
+                    "privacy/sample_rate": formal.sample_rate,
+                    "privacy/poisson_sampled": formal.poisson,
+                    "privacy/accountant": formal.accountant.accountant,
+                    "privacy/allowed_steps": formal.allowed_steps,
+                    "privacy/target_epsilon": self.target_epsilon,
+                }
+            )
+            summary = (
+                f"noise_multiplier {formal.noise_multiplier:.4g}, sample rate {formal.sample_rate:.4g}, "
+                f"{formal.allowed_steps} steps within the budget"
+            )
         params.update({f"privacy/block_size/{n}": b for n, b in plan.as_dict().items()})
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
         sizes = np.array(plan.block_sizes)
         rank_zero_info(
-            f"DPBloGS: {len(sizes)} tensors, block sizes min {sizes.min()} / median "
-            f"{int(np.median(sizes))} / max {sizes.max()}, {plan.steps} planned steps, paper figure "
-            f"{plan.epsilon:.4g} at the end (target {plan.target_epsilon}), permutation seed: {seed_note}"
+            f"DPBloGS: {len(sizes)} tensors, block sizes min {sizes.min()} / median {int(np.median(sizes))} / "
+            f"max {sizes.max()}, {summary}, seed: {seed_note}"
         )
+
+    @property
+    def allowed_steps(self) -> int:
+        """Optimizer steps the budget allows in total: the plan's, or the accountant's in formal mode."""
+        return self.session.plan.steps if self.formal is None else self.formal.allowed_steps
 
     # ----------------------------------------------------------------------------- every step
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """Clip and block-shuffle the gradients, count the step, log the figure."""
+        """Clip (add noise) and block-shuffle the gradients, count the step, log the privacy figure."""
         session = self.session
-        if session.over_budget:
+        if session.steps >= self.allowed_steps:
             self._handle_over_budget()
         session.step_()
-        self._device_steps += 1
-        sqrt_coefficient, linear_coefficient = self._figure_coefficients
-        figure = sqrt_coefficient * self._device_steps.sqrt() + linear_coefficient * self._device_steps
-        pl_module.log(EPSILON_KEY, figure, on_step=True, on_epoch=False, prog_bar=True)
+        if self.formal is None:
+            self._device_steps += 1
+            sqrt_coefficient, linear_coefficient = self._figure_coefficients
+            figure = sqrt_coefficient * self._device_steps.sqrt() + linear_coefficient * self._device_steps
+            pl_module.log(EPSILON_KEY, figure, on_step=True, on_epoch=False, prog_bar=True)
+            return
+        formal = self.formal
+        formal.accountant.step(formal.noise_multiplier, formal.sample_rate)
+        # Only a Poisson-sampled loader makes the accountant's number a proven bound.
+        key = PROVEN_EPSILON_KEY if formal.poisson else UNPROVEN_EPSILON_KEY
+        pl_module.log(key, formal.accountant.get_epsilon(self.delta), on_step=True, on_epoch=False, prog_bar=True)
+        pl_module.log(DELTA_KEY, self.delta, on_step=True, on_epoch=False)
+
+    @property
+    def epsilon(self) -> float:
+        """The privacy figure after the steps taken so far: the accountant's epsilon in formal mode,
+        the paper's figure otherwise (0 before the first step)."""
+        if self.session is None:
+            return 0.0
+        return self.session.epsilon if self.formal is None else self.formal.accountant.get_epsilon(self.delta)
 
     def _handle_over_budget(self) -> None:
-        plan = self.session.plan
         message = (
-            f"DPBloGS: {plan.steps} optimizer steps were planned for target_epsilon={plan.target_epsilon}; "
-            f"step {self.session.steps + 1} goes past the plan and the paper figure past its target."
+            f"DPBloGS: the budget (target_epsilon={self.target_epsilon}) allows {self.allowed_steps} optimizer "
+            f"steps; step {self.session.steps + 1} goes past it."
         )
         if self.on_budget_exceeded == "warn":
             if not self._warned_over_budget:
@@ -264,17 +376,23 @@ class DPBloGS(Callback):
         raise RuntimeError(message)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        """Stop training once the planned steps are done (``on_budget_exceeded='stop'``)."""
-        if self.on_budget_exceeded == "stop" and self.session.over_budget and not trainer.should_stop:
-            rank_zero_info(f"DPBloGS: the {self.session.plan.steps} planned optimizer steps are done; stopping.")
+        """Stop training once the allowed steps are done (``on_budget_exceeded='stop'``), before the
+        step that would exceed the budget."""
+        if self.on_budget_exceeded == "stop" and self.session.steps >= self.allowed_steps and not trainer.should_stop:
+            rank_zero_info(f"DPBloGS: the {self.allowed_steps} optimizer steps within the budget are done; stopping.")
             trainer.should_stop = True
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: the plan, the step count, and (for a user seed only) the
-        permutation generators' states. An OS-entropy generator state is never written to disk:
-        the resumed run draws fresh entropy."""
-        return {} if self.session is None else self.session.state_dict()
+        """What a resumed run needs: the plan, the step count, the accountant's history (formal
+        mode), and (for a user seed only) the generators' states. An OS-entropy generator state is
+        never written to disk: the resumed run draws fresh entropy."""
+        if self.session is None:
+            return {}
+        state = self.session.state_dict()
+        if self.formal is not None:
+            state["formal"] = self.formal.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the checkpoint's state; it is applied at fit start, once the model is known.
@@ -282,3 +400,49 @@ class DPBloGS(Callback):
         Lightning skips an empty state (a checkpoint saved before fit start): the run is then
         planned afresh."""
         self._restored = dict(state_dict)
+
+
+class FormalAccounting:
+    """The formal mode's bookkeeping: accountant, sigma, sampling rate, and the step budget.
+
+    Args:
+        accountant: the subsampled-Gaussian accountant (its history is the run's privacy record).
+        noise_multiplier: sigma of every step.
+        sample_rate: q of every step.
+        poisson: whether the training loader is Poisson-sampled (only then is epsilon proven).
+        allowed_steps: total optimizer steps within the target (all planned steps without one).
+    """
+
+    def __init__(
+        self,
+        accountant: GaussianAccountant,
+        noise_multiplier: float,
+        sample_rate: float,
+        poisson: bool,
+        allowed_steps: int = 0,
+    ) -> None:
+        self.accountant = accountant
+        self.noise_multiplier = noise_multiplier
+        self.sample_rate = sample_rate
+        self.poisson = poisson
+        self.allowed_steps = allowed_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values (safe for ``torch.load(weights_only=True)``)."""
+        return {
+            "accountant": self.accountant.accountant,
+            "history": self.accountant.state_dict(),
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "poisson": self.poisson,
+            "allowed_steps": self.allowed_steps,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> FormalAccounting:
+        """Rebuild from :meth:`state_dict`: the epsilon continues where the saved run stopped."""
+        accountant = GaussianAccountant(state["accountant"])
+        accountant.load_state_dict(state["history"])
+        return cls(
+            accountant, state["noise_multiplier"], state["sample_rate"], state["poisson"], state["allowed_steps"]
+        )

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lightning_blogs.accounting.blogs_paper import BlockPlan, plan_block_sizes
-from lightning_blogs.mechanism import BlockShuffleMechanism
+from lightning_blogs.mechanism.blogs import BlockShuffleMechanism, sensitivity
 
 __all__ = ["BloGSSession"]
 
@@ -28,6 +28,8 @@ class BloGSSession:
             written to checkpoints (an entropy-seeded state on disk would let a reader replay
             the permutations).
         steps: optimizer steps already taken (non-zero when resuming).
+        noise_multiplier: sigma of the formal mode (Gaussian noise of standard deviation
+            ``sigma * 2 sqrt(n) C`` per coordinate, n tensors); 0 for the published mechanism.
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class BloGSSession:
         seed: int,
         reproducible: bool,
         steps: int = 0,
+        noise_multiplier: float = 0.0,
     ) -> None:
         names = tuple(n for n, _ in named_params)
         if names != plan.names:
@@ -44,7 +47,11 @@ class BloGSSession:
         self.plan = plan
         self.steps = steps
         self.reproducible = reproducible
-        self.mechanism = BlockShuffleMechanism([p for _, p in named_params], plan.block_sizes, plan.clip_norm, seed)
+        self.noise_multiplier = float(noise_multiplier)
+        noise_std = self.noise_multiplier * sensitivity(plan.clip_norm, len(named_params))
+        self.mechanism = BlockShuffleMechanism(
+            [p for _, p in named_params], plan.block_sizes, plan.clip_norm, seed, noise_std=noise_std
+        )
 
     @classmethod
     def plan_for(
@@ -58,6 +65,7 @@ class BloGSSession:
         block_size: int | Mapping[str, int] | None,
         seed: int,
         reproducible: bool,
+        noise_multiplier: float = 0.0,
     ) -> BloGSSession:
         """Plan block sizes for ``named_params`` and start a run at step 0."""
         plan = plan_block_sizes(
@@ -68,7 +76,7 @@ class BloGSSession:
             target_epsilon=target_epsilon,
             block_size=block_size,
         )
-        return cls(named_params, plan, seed, reproducible)
+        return cls(named_params, plan, seed, reproducible, noise_multiplier=noise_multiplier)
 
     @classmethod
     def from_state_dict(
@@ -95,7 +103,14 @@ class BloGSSession:
         )
         plan = dataclasses.replace(plan, target_epsilon=state["target_epsilon"])
         reproducible = state["seed"] is not None
-        session = cls(named_params, plan, state["seed"] if reproducible else seed, reproducible, int(state["steps"]))
+        session = cls(
+            named_params,
+            plan,
+            state["seed"] if reproducible else seed,
+            reproducible,
+            int(state["steps"]),
+            noise_multiplier=state.get("noise_multiplier", 0.0),
+        )
         session.mechanism.load_generator_state_dict(state["generator_states"])
         return session
 
@@ -126,6 +141,7 @@ class BloGSSession:
             "total_steps": plan.steps,
             "target_epsilon": plan.target_epsilon,
             "steps": self.steps,
+            "noise_multiplier": self.noise_multiplier,
             "seed": self.mechanism.seed if self.reproducible else None,
             "generator_states": self.mechanism.generator_state_dict() if self.reproducible else {},
         }
