@@ -17,8 +17,9 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lightning_blogs.callbacks.dp_blogs import EPSILON_KEY, DPBloGS
+from lightning_blogs.callbacks.dp_blogs import EPSILON_KEY, PROVEN_EPSILON_KEY, UNPROVEN_EPSILON_KEY, DPBloGS
 from lightning_blogs.models import ImageClassifier
+from lightning_blogs.sampling import PoissonDataModule
 
 __all__ = ["main", "train"]
 
@@ -57,6 +58,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
+    poisson = bool(cfg.get("poisson_sampling"))
     net = hydra.utils.instantiate(
         cfg.model,
         in_channels=datamodule.num_channels,
@@ -64,11 +66,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         num_classes=datamodule.num_classes,
     )
     module = ImageClassifier(net, optimizer=hydra.utils.instantiate(cfg.optimizer))
+    if poisson:
+        datamodule = PoissonDataModule(datamodule)
     privacy = hydra.utils.instantiate(cfg.privacy) if cfg.get("privacy") else None
     callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values()]
     if privacy is not None:
         callbacks.append(privacy)
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=_instantiate_logger(cfg))
+    # Lightning must not replace the Poisson batch sampler with its distributed sampler.
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=_instantiate_logger(cfg), use_distributed_sampler=not poisson
+    )
     if trainer.is_global_zero and not trainer.fast_dev_run:
         _check_output_dir(output_dir)
 
@@ -96,6 +103,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _privacy_summary(privacy: Any) -> dict[str, Any]:
     if privacy is None:
         return {"mechanism": "none"}
+    if isinstance(privacy, DPBloGS) and privacy.formal is not None:
+        formal = privacy.formal
+        key = PROVEN_EPSILON_KEY if formal.poisson else UNPROVEN_EPSILON_KEY
+        return {
+            "mechanism": "dp-blogs-gaussian",
+            key: privacy.epsilon,
+            "note": "proven (accountant: " + formal.accountant.accountant + ")"
+            if formal.poisson
+            else "NOT proven: the training batches were not Poisson-sampled",
+            "delta": privacy.delta,
+            "clip_norm": privacy.clip_norm,
+            "noise_multiplier": formal.noise_multiplier,
+            "sample_rate": formal.sample_rate,
+            "target_epsilon": privacy.target_epsilon,
+            "steps": privacy.steps,
+            "block_sizes": privacy.block_sizes,
+        }
     if isinstance(privacy, DPBloGS):
         plan = privacy.session.plan
         return {
@@ -116,7 +140,13 @@ def _summary_line(summary: dict[str, Any]) -> str:
     acc = summary["test_acc"]
     parts = [f"test accuracy: {acc:.4f}" if acc is not None else "test accuracy: not measured"]
     privacy = summary["privacy"]
-    if EPSILON_KEY in privacy:
+    if PROVEN_EPSILON_KEY in privacy:
+        parts.append(
+            f"{PROVEN_EPSILON_KEY}: {privacy[PROVEN_EPSILON_KEY]:.4g} (delta {privacy['delta']:g}; a proven bound)"
+        )
+    elif UNPROVEN_EPSILON_KEY in privacy:
+        parts.append(f"{UNPROVEN_EPSILON_KEY}: {privacy[UNPROVEN_EPSILON_KEY]:.4g} (NOT proven: batches not Poisson)")
+    elif EPSILON_KEY in privacy:
         parts.append(
             f"{EPSILON_KEY}: {privacy[EPSILON_KEY]:.4g} (delta {privacy['delta']:g}; the paper's figure, "
             "NOT a formal DP guarantee)"

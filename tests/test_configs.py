@@ -139,3 +139,18 @@ def test_bad_input_fails_before_training_with_a_clear_message(tmp_path) -> None:
     with pytest.raises(MissingConfigException, match="digits"):  # Hydra lists the available options
         compose_run(["data=imagenet"], tmp_path)
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_blogs_gaussian_reports_a_proven_epsilon_on_poisson_batches(tmp_path) -> None:
+    overrides = [
+        "privacy=blogs_gaussian",
+        "privacy.target_epsilon=2",
+        "trainer.max_epochs=2",
+        "+trainer.limit_val_batches=1",
+    ]
+    summary = train(compose_run(overrides, tmp_path))
+    privacy = summary["privacy"]
+    assert privacy["mechanism"] == "dp-blogs-gaussian" and privacy["note"].startswith("proven")
+    assert 0 < privacy["privacy/epsilon"] <= 2.0
+    assert privacy["sample_rate"] == pytest.approx(64 / 1257)  # batch_size / len(train split)
+    assert summary["optimizer_steps"] == privacy["steps"] == 2 * round(1257 / 64)
