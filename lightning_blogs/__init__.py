@@ -7,9 +7,9 @@ The figure DP-BloGS reports is the published formula, not a formal differential-
 guarantee; see ``docs/privacy.md``.
 """
 
-from lightning_blogs.callbacks import DPBloGS, PaperFigureWarning
+from lightning_blogs.callbacks import DPSGD, DPBloGS, PaperFigureWarning
 from lightning_blogs.engine import BloGSPrivacyEngine
 
-__all__ = ["BloGSPrivacyEngine", "DPBloGS", "PaperFigureWarning", "__version__"]
+__all__ = ["BloGSPrivacyEngine", "DPBloGS", "DPSGD", "PaperFigureWarning", "__version__"]
 
 __version__ = "0.1.0"

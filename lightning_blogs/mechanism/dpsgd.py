@@ -124,9 +124,7 @@ def clip_and_accumulate_per_sample_(
     factors = (clip_norm / (norms + CLIP_EPSILON)).clamp_max(1.0) * unscale
     for grad_sample, accumulator in zip(grad_samples, accumulators, strict=True):
         # One example-weighted sum per tensor, in the accumulator's (float32 or wider) dtype.
-        accumulator.add_(
-            torch.tensordot(factors.to(accumulator.dtype), grad_sample.to(accumulator.dtype), dims=1)
-        )
+        accumulator.add_(torch.tensordot(factors.to(accumulator.dtype), grad_sample.to(accumulator.dtype), dims=1))
 
 
 @torch.no_grad()

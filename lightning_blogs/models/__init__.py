@@ -7,7 +7,8 @@ All network constructors take the keyword arguments ``in_channels``, ``image_siz
 
 from lightning_blogs.models.classifier import ImageClassifier, default_optimizer
 from lightning_blogs.models.cnn import SmallCNN
+from lightning_blogs.models.dp_compat import make_dp_compatible
 from lightning_blogs.models.mlp import MLP
 from lightning_blogs.models.resnet import resnet18
 
-__all__ = ["MLP", "ImageClassifier", "SmallCNN", "default_optimizer", "resnet18"]
+__all__ = ["MLP", "ImageClassifier", "SmallCNN", "default_optimizer", "make_dp_compatible", "resnet18"]
