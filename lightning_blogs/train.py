@@ -17,7 +17,8 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lightning_blogs.callbacks.dp_blogs import EPSILON_KEY, PROVEN_EPSILON_KEY, UNPROVEN_EPSILON_KEY, DPBloGS
+from lightning_blogs.callbacks.dp_blogs import EPSILON_KEY, DPBloGS
+from lightning_blogs.callbacks.formal import PROVEN_EPSILON_KEY, UNPROVEN_EPSILON_KEY
 from lightning_blogs.models import ImageClassifier
 from lightning_blogs.sampling import PoissonDataModule
 

@@ -13,7 +13,7 @@ from scipy import stats
 
 from lightning_blogs import DPBloGS
 from lightning_blogs.accounting import GaussianAccountant
-from lightning_blogs.callbacks.dp_blogs import NotPoissonSampledWarning
+from lightning_blogs.callbacks.formal import NotPoissonSampledWarning
 from lightning_blogs.mechanism.blogs import BlockShuffleMechanism, sensitivity
 from lightning_blogs.sampling import poisson_dataloader
 

@@ -20,31 +20,17 @@ from lightning_blogs._validation import (
     check_positive_float,
     check_positive_int,
 )
-from lightning_blogs.accounting.gaussian import ACCOUNTANTS, GaussianAccountant, calibrate_noise_multiplier
+from lightning_blogs.accounting.gaussian import ACCOUNTANTS
+from lightning_blogs.callbacks.formal import BUDGET_ACTIONS, FormalAccounting, enforce_budget, stop_when_spent
 from lightning_blogs.engine.session import BloGSSession
 from lightning_blogs.mechanism import entropy_seed
 from lightning_blogs.sampling import is_poisson_sampled, poisson_sample_rate
 
-__all__ = ["DPBloGS", "FormalAccounting", "NotPoissonSampledWarning", "PaperFigureWarning"]
+__all__ = ["DPBloGS", "PaperFigureWarning"]
 
 EPSILON_KEY = "privacy/epsilon_blogs_paper"
-PROVEN_EPSILON_KEY = "privacy/epsilon"
-UNPROVEN_EPSILON_KEY = "privacy/epsilon_if_poisson_sampled"
-DELTA_KEY = "privacy/delta"
-_BUDGET_ACTIONS = ("stop", "warn", "raise")
+_BUDGET_ACTIONS = BUDGET_ACTIONS
 _GUARANTEES = ("paper", "formal")
-
-
-class NotPoissonSampledWarning(UserWarning):
-    """The training loader is not Poisson-sampled, so the accountant's epsilon is not a proven bound."""
-
-
-_NOT_POISSON_MESSAGE = (
-    "DPBloGS(guarantee='formal'): the training DataLoader is NOT Poisson-sampled, so the subsampled-Gaussian "
-    "accountant's epsilon is NOT a proven bound for this run (shuffled fixed-size batches do not match its "
-    "assumptions). It is logged as '" + UNPROVEN_EPSILON_KEY + "', not as '" + PROVEN_EPSILON_KEY + "'. "
-    "Wrap the data module in lightning_blogs.sampling.PoissonDataModule for a proven bound."
-)
 
 
 class PaperFigureWarning(UserWarning):
@@ -223,8 +209,6 @@ class DPBloGS(Callback):
             self._device_steps = torch.tensor(float(self.session.steps), dtype=dtype, device=pl_module.device)
             self._figure_coefficients = self.session.plan.composition_coefficients()
             rank_zero_warn(_PAPER_FIGURE_MESSAGE, category=PaperFigureWarning)
-        elif not self.formal.poisson:
-            rank_zero_warn(_NOT_POISSON_MESSAGE, category=NotPoissonSampledWarning)
         self._log_plan(trainer)
 
     def _start_formal(self, trainer: pl.Trainer, named: list[tuple[str, torch.nn.Parameter]], seed: int) -> None:
@@ -236,20 +220,16 @@ class DPBloGS(Callback):
             sample_rate = poisson_sample_rate(loader)
         else:  # the nominal rate of shuffled fixed-size batches; the bound then does not apply
             sample_rate = min(1.0, loader.batch_size * trainer.world_size / len(loader.dataset))
-        sigma = self.noise_multiplier
-        if sigma is None:
-            sigma = calibrate_noise_multiplier(self.target_epsilon, self.delta, sample_rate, steps, self.accountant)
-        self.formal = FormalAccounting(GaussianAccountant(self.accountant), sigma, sample_rate, poisson)
-        self.formal.allowed_steps = (
-            steps
-            if self.target_epsilon is None
-            else self.formal.accountant.steps_within_budget(sigma, sample_rate, self.target_epsilon, self.delta, steps)
+        self.formal = FormalAccounting.start(
+            accountant=self.accountant,
+            target_epsilon=self.target_epsilon,
+            delta=self.delta,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=sample_rate,
+            poisson=poisson,
+            steps=steps,
+            owner="DPBloGS(guarantee='formal')",
         )
-        if self.formal.allowed_steps == 0:
-            raise ValueError(
-                f"DPBloGS: with noise_multiplier={sigma:g} and sample rate {sample_rate:g}, a single step already "
-                f"exceeds target_epsilon={self.target_epsilon:g}; raise noise_multiplier or target_epsilon"
-            )
         # The shuffle is post-processing: it costs nothing in the proven bound. Block size 1 (the
         # paper's strongest setting) unless the user chose.
         self.session = BloGSSession.plan_for(
@@ -261,7 +241,7 @@ class DPBloGS(Callback):
             block_size=1 if self.block_size is None else self.block_size,
             seed=seed,
             reproducible=self.seed is not None,
-            noise_multiplier=sigma,
+            noise_multiplier=self.formal.noise_multiplier,
         )
 
     def _planned_steps(self, trainer: pl.Trainer) -> int:
@@ -299,14 +279,10 @@ class DPBloGS(Callback):
             )
             summary = f"paper figure {plan.epsilon:.4g} after {plan.steps} steps (target {plan.target_epsilon})"
         else:
+            params.update(formal.hyperparameters())
             params.update(
                 {
                     "privacy/mechanism": "dp-blogs formal (per-tensor clip + Gaussian noise + shuffle)",
-                    "privacy/noise_multiplier": formal.noise_multiplier,
-                    "privacy/sample_rate": formal.sample_rate,
-                    "privacy/poisson_sampled": formal.poisson,
-                    "privacy/accountant": formal.accountant.accountant,
-                    "privacy/allowed_steps": formal.allowed_steps,
                     "privacy/target_epsilon": self.target_epsilon,
                 }
             )
@@ -334,8 +310,9 @@ class DPBloGS(Callback):
     ) -> None:
         """Clip (add noise) and block-shuffle the gradients, count the step, log the privacy figure."""
         session = self.session
-        if session.steps >= self.allowed_steps:
-            self._handle_over_budget()
+        self._warned_over_budget = enforce_budget(
+            "DPBloGS", self.on_budget_exceeded, session.steps, self.allowed_steps, self._warned_over_budget
+        )
         session.step_()
         if self.formal is None:
             self._device_steps += 1
@@ -343,12 +320,7 @@ class DPBloGS(Callback):
             figure = sqrt_coefficient * self._device_steps.sqrt() + linear_coefficient * self._device_steps
             pl_module.log(EPSILON_KEY, figure, on_step=True, on_epoch=False, prog_bar=True)
             return
-        formal = self.formal
-        formal.accountant.step(formal.noise_multiplier, formal.sample_rate)
-        # Only a Poisson-sampled loader makes the accountant's number a proven bound.
-        key = PROVEN_EPSILON_KEY if formal.poisson else UNPROVEN_EPSILON_KEY
-        pl_module.log(key, formal.accountant.get_epsilon(self.delta), on_step=True, on_epoch=False, prog_bar=True)
-        pl_module.log(DELTA_KEY, self.delta, on_step=True, on_epoch=False)
+        self.formal.record_step(pl_module)
 
     @property
     def epsilon(self) -> float:
@@ -356,31 +328,12 @@ class DPBloGS(Callback):
         the paper's figure otherwise (0 before the first step)."""
         if self.session is None:
             return 0.0
-        return self.session.epsilon if self.formal is None else self.formal.accountant.get_epsilon(self.delta)
-
-    def _handle_over_budget(self) -> None:
-        message = (
-            f"DPBloGS: the budget (target_epsilon={self.target_epsilon}) allows {self.allowed_steps} optimizer "
-            f"steps; step {self.session.steps + 1} goes past it."
-        )
-        if self.on_budget_exceeded == "warn":
-            if not self._warned_over_budget:
-                rank_zero_warn(message + " Continuing (on_budget_exceeded='warn').")
-                self._warned_over_budget = True
-            return
-        if self.on_budget_exceeded == "stop":
-            message += (
-                " Training should have stopped (on_budget_exceeded='stop'); Trainer min_steps or "
-                "min_epochs kept it going."
-            )
-        raise RuntimeError(message)
+        return self.session.epsilon if self.formal is None else self.formal.epsilon
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         """Stop training once the allowed steps are done (``on_budget_exceeded='stop'``), before the
         step that would exceed the budget."""
-        if self.on_budget_exceeded == "stop" and self.session.steps >= self.allowed_steps and not trainer.should_stop:
-            rank_zero_info(f"DPBloGS: the {self.allowed_steps} optimizer steps within the budget are done; stopping.")
-            trainer.should_stop = True
+        stop_when_spent("DPBloGS", trainer, self.on_budget_exceeded, self.session.steps, self.allowed_steps)
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -400,49 +353,3 @@ class DPBloGS(Callback):
         Lightning skips an empty state (a checkpoint saved before fit start): the run is then
         planned afresh."""
         self._restored = dict(state_dict)
-
-
-class FormalAccounting:
-    """The formal mode's bookkeeping: accountant, sigma, sampling rate, and the step budget.
-
-    Args:
-        accountant: the subsampled-Gaussian accountant (its history is the run's privacy record).
-        noise_multiplier: sigma of every step.
-        sample_rate: q of every step.
-        poisson: whether the training loader is Poisson-sampled (only then is epsilon proven).
-        allowed_steps: total optimizer steps within the target (all planned steps without one).
-    """
-
-    def __init__(
-        self,
-        accountant: GaussianAccountant,
-        noise_multiplier: float,
-        sample_rate: float,
-        poisson: bool,
-        allowed_steps: int = 0,
-    ) -> None:
-        self.accountant = accountant
-        self.noise_multiplier = noise_multiplier
-        self.sample_rate = sample_rate
-        self.poisson = poisson
-        self.allowed_steps = allowed_steps
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain Python values (safe for ``torch.load(weights_only=True)``)."""
-        return {
-            "accountant": self.accountant.accountant,
-            "history": self.accountant.state_dict(),
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "poisson": self.poisson,
-            "allowed_steps": self.allowed_steps,
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> FormalAccounting:
-        """Rebuild from :meth:`state_dict`: the epsilon continues where the saved run stopped."""
-        accountant = GaussianAccountant(state["accountant"])
-        accountant.load_state_dict(state["history"])
-        return cls(
-            accountant, state["noise_multiplier"], state["sample_rate"], state["poisson"], state["allowed_steps"]
-        )
