@@ -360,3 +360,40 @@ def test_resume_continues_steps_and_seeded_noise(tmp_path: Path) -> None:
     assert full.steps == resumed.steps == 12
     assert torch.equal(full_params, resumed_params)  # a user seed resumes its noise stream exactly
     assert set(DPSGD(1.0, 1.0).state_dict()) == {"steps"}  # an OS-entropy state never reaches a checkpoint
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dpsgd_budget_stop_leaves_epsilon_within_target_and_logs_it(tmp_path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning_helpers import TinyClassifier, quiet_trainer, tiny_loader
+
+    from lightning_blogs.accounting import GaussianAccountant
+    from lightning_blogs.sampling import poisson_dataloader
+
+    sigma, target, delta, q = 2.0, 3.0, 1e-5, 8 / 48
+    cb = DPSGD(noise_multiplier=sigma, clip_norm=1.0, target_epsilon=target, delta=delta, seed=4)
+    logger = CSVLogger(tmp_path, name="run", version="")
+    trainer = quiet_trainer(max_epochs=30, callbacks=[cb], logger=logger, log_every_n_steps=1)
+    trainer.fit(TinyClassifier(), poisson_dataloader(tiny_loader(n=48, batch_size=8), seed=0))
+    allowed = GaussianAccountant("rdp").steps_within_budget(sigma, q, target, delta, 30 * 6)
+    assert trainer.global_step == cb.steps == allowed < 30 * 6
+    assert cb.epsilon <= target
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    logged = [float(r["privacy/epsilon"]) for r in rows if r.get("privacy/epsilon")]
+    assert len(logged) == allowed and logged[-1] == pytest.approx(cb.epsilon, rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dpsgd_calibrates_noise_to_the_target() -> None:
+    from lightning_helpers import TinyClassifier, quiet_trainer, tiny_loader
+
+    from lightning_blogs.sampling import poisson_dataloader
+
+    cb = DPSGD(noise_multiplier=None, clip_norm=1.0, target_epsilon=4.0)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[cb])
+    trainer.fit(TinyClassifier(), poisson_dataloader(tiny_loader(n=48, batch_size=8), seed=0))
+    assert trainer.global_step == cb.steps == 18
+    assert 3.9 < cb.epsilon <= 4.0
+    assert cb.noise_multiplier > 0

@@ -300,8 +300,9 @@ class DPBloGS(Callback):
         )
 
     @property
-    def allowed_steps(self) -> int:
-        """Optimizer steps the budget allows in total: the plan's, or the accountant's in formal mode."""
+    def allowed_steps(self) -> int | None:
+        """Optimizer steps the budget allows in total: the plan's, or the accountant's in formal mode
+        (None: a formal run without a target has no budget)."""
         return self.session.plan.steps if self.formal is None else self.formal.allowed_steps
 
     # ----------------------------------------------------------------------------- every step

@@ -13,7 +13,15 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_blogs._opacus import require_opacus
-from lightning_blogs._validation import check_choice, check_int, check_positive_float
+from lightning_blogs._validation import (
+    check_choice,
+    check_int,
+    check_open_unit_interval,
+    check_positive_float,
+    check_positive_int,
+)
+from lightning_blogs.accounting.gaussian import ACCOUNTANTS
+from lightning_blogs.callbacks.formal import BUDGET_ACTIONS, FormalAccounting, enforce_budget, stop_when_spent
 from lightning_blogs.mechanism import entropy_seed
 from lightning_blogs.mechanism.dpsgd import NoiseSource, add_noise_and_scale_, clip_and_accumulate_per_sample_
 
@@ -92,6 +100,20 @@ class DPSGD(Callback):
         loss_reduction: how ``training_step``'s loss combines the examples of a batch: ``"mean"``
             (default, e.g. ``cross_entropy``) or ``"sum"``. It tells Opacus how to turn the
             batch's backward pass into per-example gradients.
+        target_epsilon: the proven epsilon not to exceed, > 0, or None (no budget). With
+            ``noise_multiplier=None`` the noise is calibrated to reach it after ``total_steps``.
+        delta: the delta of the reported epsilon, in (0, 1).
+        accountant: ``"rdp"`` (default) or ``"pld"`` (tighter, slower).
+        total_steps: optimizer steps to calibrate and budget for; default the Trainer's
+            ``estimated_stepping_batches``.
+        on_budget_exceeded: when the next step would take epsilon past ``target_epsilon``:
+            ``"stop"`` (default) stops training before it, ``"warn"`` warns once and goes on,
+            ``"raise"`` raises.
+
+    The accountant's epsilon is logged every step as ``privacy/epsilon`` (with ``privacy/delta``)
+    when the training loader is Poisson-sampled, and as ``privacy/epsilon_if_poisson_sampled``,
+    with a loud warning, when it is not (shuffled fixed-size batches do not meet the accountant's
+    assumption, so the number is not a proven bound).
 
     Raises:
         ValueError: an argument is out of range (at construction); the strategy, the optimization
@@ -102,13 +124,28 @@ class DPSGD(Callback):
 
     def __init__(
         self,
-        noise_multiplier: float,
+        noise_multiplier: float | None,
         clip_norm: float,
         expected_batch_size: float | None = None,
         seed: int | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
+        target_epsilon: float | None = None,
+        delta: float = 1e-5,
+        accountant: Literal["rdp", "pld"] = "rdp",
+        total_steps: int | None = None,
+        on_budget_exceeded: Literal["stop", "warn", "raise"] = "stop",
     ) -> None:
-        self.noise_multiplier = _check_noise_multiplier(noise_multiplier)
+        if noise_multiplier is None and target_epsilon is None:
+            raise ValueError("noise_multiplier may be None only with a target_epsilon to calibrate it to")
+        self.noise_multiplier = None if noise_multiplier is None else _check_noise_multiplier(noise_multiplier)
+        self.target_epsilon = None if target_epsilon is None else check_positive_float("target_epsilon", target_epsilon)
+        self.delta = check_open_unit_interval("delta", delta)
+        self.accountant = check_choice("accountant", accountant, ACCOUNTANTS)
+        self.total_steps = None if total_steps is None else check_positive_int("total_steps", total_steps)
+        self.on_budget_exceeded = check_choice("on_budget_exceeded", on_budget_exceeded, BUDGET_ACTIONS)
+        self.formal: FormalAccounting | None = None
+        self._restored_formal: dict[str, Any] | None = None
+        self._warned_over_budget = False
         self.clip_norm = check_positive_float("clip_norm", clip_norm)
         self._derive_batch_size = expected_batch_size is None
         self.expected_batch_size = (
@@ -233,6 +270,7 @@ class DPSGD(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fix the expected batch size and the sampling rate from the train loader; log the setup."""
         self.expected_batch_size, self.sample_rate = self._batch_size_and_rate(trainer)
+        self._start_accounting(trainer)
         scaler = self._scaler(trainer)
         if scaler is not None and any(getattr(o, "_step_supports_amp_scaling", False) for o in trainer.optimizers):
             raise ValueError(
@@ -243,6 +281,47 @@ class DPSGD(Callback):
         if self.noise_multiplier == 0:
             rank_zero_warn("DPSGD(noise_multiplier=0) clips per-sample gradients but adds no noise: NOT private.")
         self._log_setup(trainer)
+
+    def _start_accounting(self, trainer: pl.Trainer) -> None:
+        """Restore or start the accountant; calibrate sigma when only a target was given."""
+        if self._restored_formal is not None:
+            self.formal = FormalAccounting.from_state_dict(self._restored_formal)
+            self._restored_formal = None
+        elif self.formal is None and self.noise_multiplier != 0:
+            steps = self.total_steps or trainer.estimated_stepping_batches
+            if not math.isfinite(steps):
+                raise ValueError("DPSGD cannot account for infinite training: pass DPSGD(total_steps=...)")
+            poisson = self.sample_rate is not None
+            # Without Poisson sampling the nominal rate is reported, under a name that says it is unproven.
+            rate = (
+                self.sample_rate
+                if poisson
+                else min(1.0, self.expected_batch_size / len(trainer.train_dataloader.dataset))
+            )
+            self.formal = FormalAccounting.start(
+                accountant=self.accountant,
+                target_epsilon=self.target_epsilon,
+                delta=self.delta,
+                noise_multiplier=self.noise_multiplier,
+                sample_rate=rate,
+                poisson=poisson,
+                steps=int(steps),
+                owner="DPSGD",
+            )
+        if self.formal is not None:
+            self.noise_multiplier = self.formal.noise_multiplier
+
+    @property
+    def epsilon(self) -> float:
+        """The accountant's epsilon after the steps taken (inf without noise, 0 before training)."""
+        if self.formal is None:
+            return math.inf if self.noise_multiplier == 0 else 0.0
+        return self.formal.epsilon
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Stop training once the steps within the budget are done (``on_budget_exceeded='stop'``)."""
+        if self.formal is not None:
+            stop_when_spent("DPSGD", trainer, self.on_budget_exceeded, self.steps, self.formal.allowed_steps)
 
     def _batch_size_and_rate(self, trainer: pl.Trainer) -> tuple[float, float | None]:
         loader = trainer.train_dataloader
@@ -319,6 +398,10 @@ class DPSGD(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Sum over ranks, add the noise once, divide by the expected batch size, write ``.grad``."""
+        if self.formal is not None:
+            self._warned_over_budget = enforce_budget(
+                "DPSGD", self.on_budget_exceeded, self.steps, self.formal.allowed_steps, self._warned_over_budget
+            )
         self._check_every_gradient_was_clipped(pl_module)
         total = trainer.strategy.reduce(self._flat, reduce_op="sum")  # identity on a single device
         if total is not self._flat:
@@ -337,7 +420,7 @@ class DPSGD(Callback):
         )
         self._flat.zero_()
         self._seen = set()
-        self._record_step()
+        self._record_step(pl_module)
 
     def _check_every_gradient_was_clipped(self, pl_module: pl.LightningModule) -> None:
         # A gradient that did not come through the per-sample hooks (a parameter used outside its
@@ -359,7 +442,7 @@ class DPSGD(Callback):
         for found_inf in state["found_inf_per_device"].values():
             torch.maximum(found_inf, overflow.to(found_inf.device), out=found_inf)
 
-    def _record_step(self) -> None:
+    def _record_step(self, pl_module: pl.LightningModule) -> None:
         """Record one privatised step: the Gaussian mechanism with ``noise_multiplier`` on the sum of
         clipped per-sample gradients (sensitivity ``clip_norm``), subsampled at ``sample_rate``.
 
@@ -367,12 +450,16 @@ class DPSGD(Callback):
         that the 16-mixed GradScaler then skips (inf/nan) is counted too: its noise was drawn, and
         counting errs on the safe side."""
         self.steps += 1
+        if self.formal is not None:
+            self.formal.record_step(pl_module)
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The step count, and for a user seed the seed and the noise generators' states (an
         OS-entropy state is never written to disk: a resumed run draws fresh entropy)."""
         state: dict[str, Any] = {"steps": self.steps}
+        if self.formal is not None:
+            state["formal"] = self.formal.state_dict()
         if self.seed is not None and self._noise is not None:
             state.update(seed=self.seed, noise=self._noise.state_dict())
         return state
@@ -380,4 +467,5 @@ class DPSGD(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the step count; a seeded noise state is applied at fit start."""
         self.steps = int(state_dict["steps"])
+        self._restored_formal = state_dict.get("formal")
         self._restored_noise = dict(state_dict) if "noise" in state_dict else None

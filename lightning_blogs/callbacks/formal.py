@@ -54,7 +54,7 @@ class FormalAccounting:
         sample_rate: q of every step.
         poisson: whether the training loader is Poisson-sampled (only then is epsilon proven).
         delta: the delta of the reported epsilon.
-        allowed_steps: total optimizer steps within the target (all planned steps without one).
+        allowed_steps: total optimizer steps within the target; None without a target (no budget).
     """
 
     def __init__(
@@ -64,7 +64,7 @@ class FormalAccounting:
         sample_rate: float,
         poisson: bool,
         delta: float,
-        allowed_steps: int,
+        allowed_steps: int | None,
     ) -> None:
         self.accountant = accountant
         self.noise_multiplier = noise_multiplier
@@ -94,7 +94,7 @@ class FormalAccounting:
             noise_multiplier = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant)
         gaussian = GaussianAccountant(accountant)
         allowed = (
-            steps
+            None
             if target_epsilon is None
             else gaussian.steps_within_budget(noise_multiplier, sample_rate, target_epsilon, delta, steps)
         )
@@ -157,13 +157,13 @@ class FormalAccounting:
         )
 
 
-def enforce_budget(owner: str, action: str, steps: int, allowed_steps: int, already_warned: bool) -> bool:
+def enforce_budget(owner: str, action: str, steps: int, allowed_steps: int | None, already_warned: bool) -> bool:
     """Before step ``steps + 1``: act when it goes past ``allowed_steps``. Returns whether a warning was given.
 
     ``"warn"`` warns once and goes on; ``"raise"`` raises; ``"stop"`` raises too, because training
     should already have stopped (see :func:`stop_when_spent`) unless ``min_steps``/``min_epochs`` kept it going.
     """
-    if steps < allowed_steps:
+    if allowed_steps is None or steps < allowed_steps:
         return already_warned
     message = f"{owner}: the budget allows {allowed_steps} optimizer steps; step {steps + 1} goes past it."
     if action == "warn":
@@ -177,9 +177,9 @@ def enforce_budget(owner: str, action: str, steps: int, allowed_steps: int, alre
     raise RuntimeError(message)
 
 
-def stop_when_spent(owner: str, trainer: pl.Trainer, action: str, steps: int, allowed_steps: int) -> None:
+def stop_when_spent(owner: str, trainer: pl.Trainer, action: str, steps: int, allowed_steps: int | None) -> None:
     """With ``action == "stop"``, stop training once ``allowed_steps`` are done: before the step that
     would exceed the budget."""
-    if action == "stop" and steps >= allowed_steps and not trainer.should_stop:
+    if action == "stop" and allowed_steps is not None and steps >= allowed_steps and not trainer.should_stop:
         rank_zero_info(f"{owner}: the {allowed_steps} optimizer steps within the budget are done; stopping.")
         trainer.should_stop = True
