@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lightning_blogs.callbacks.dp_blogs import EPSILON_KEY, DPBloGS
+from lightning_blogs.callbacks.dp_sgd import DPSGD
 from lightning_blogs.callbacks.formal import PROVEN_EPSILON_KEY, UNPROVEN_EPSILON_KEY
-from lightning_blogs.models import ImageClassifier
+from lightning_blogs.models import ImageClassifier, make_dp_compatible
 from lightning_blogs.sampling import PoissonDataModule
 
 __all__ = ["main", "train"]
 
 SUMMARY_FILE = "summary.json"
+log = logging.getLogger(__name__)
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -66,10 +69,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         image_size=datamodule.image_size,
         num_classes=datamodule.num_classes,
     )
+    privacy = hydra.utils.instantiate(cfg.privacy) if cfg.get("privacy") else None
+    if isinstance(privacy, DPSGD):
+        net, changes = make_dp_compatible(net)  # per-sample gradients need per-example layers
+        for change in changes:
+            log.info("DP-compatible model: %s", change)
     module = ImageClassifier(net, optimizer=hydra.utils.instantiate(cfg.optimizer))
     if poisson:
         datamodule = PoissonDataModule(datamodule)
-    privacy = hydra.utils.instantiate(cfg.privacy) if cfg.get("privacy") else None
     callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values()]
     if privacy is not None:
         callbacks.append(privacy)
@@ -104,11 +111,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _privacy_summary(privacy: Any) -> dict[str, Any]:
     if privacy is None:
         return {"mechanism": "none"}
-    if isinstance(privacy, DPBloGS) and privacy.formal is not None:
+    if isinstance(privacy, DPSGD | DPBloGS) and privacy.formal is not None:
         formal = privacy.formal
         key = PROVEN_EPSILON_KEY if formal.poisson else UNPROVEN_EPSILON_KEY
         return {
-            "mechanism": "dp-blogs-gaussian",
+            "mechanism": "dp-sgd" if isinstance(privacy, DPSGD) else "dp-blogs-gaussian",
             key: privacy.epsilon,
             "note": "proven (accountant: " + formal.accountant.accountant + ")"
             if formal.poisson
@@ -119,7 +126,7 @@ def _privacy_summary(privacy: Any) -> dict[str, Any]:
             "sample_rate": formal.sample_rate,
             "target_epsilon": privacy.target_epsilon,
             "steps": privacy.steps,
-            "block_sizes": privacy.block_sizes,
+            "block_sizes": getattr(privacy, "block_sizes", None),
         }
     if isinstance(privacy, DPBloGS):
         plan = privacy.session.plan

@@ -154,3 +154,8 @@ def test_blogs_gaussian_reports_a_proven_epsilon_on_poisson_batches(tmp_path) ->
     assert 0 < privacy["privacy/epsilon"] <= 2.0
     assert privacy["sample_rate"] == pytest.approx(64 / 1257)  # batch_size / len(train split)
     assert summary["optimizer_steps"] == privacy["steps"] == 2 * round(1257 / 64)
+
+
+def test_dpsgd_makes_resnet18_dp_compatible(tmp_path) -> None:
+    summary = train(compose_run(["privacy=dpsgd", "model=resnet18", "trainer.fast_dev_run=true"], tmp_path))
+    assert summary["privacy"]["mechanism"] == "dp-sgd" and summary["optimizer_steps"] == 1
