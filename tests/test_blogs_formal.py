@@ -129,3 +129,17 @@ def test_resume_continues_the_proven_epsilon(tmp_path) -> None:
 def test_formal_arguments_are_checked(kwargs, argument) -> None:
     with pytest.raises(ValueError, match=argument):
         DPBloGS(**kwargs)
+
+
+def test_resume_with_a_new_noise_multiplier_composes_both(tmp_path) -> None:
+    first = DPBloGS(target_epsilon=None, clip_norm=0.1, noise_multiplier=1.0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True)
+    trainer.fit(TinyClassifier(), _poisson_loader())
+    second = DPBloGS(target_epsilon=None, clip_norm=0.1, noise_multiplier=3.0)
+    quiet_trainer(max_epochs=2, callbacks=[second]).fit(
+        TinyClassifier(), _poisson_loader(), ckpt_path=str(tmp_path / "last.ckpt")
+    )
+    q = 8 / 48
+    assert [tuple(h) for h in second.formal.accountant.history] == [(1.0, q, 6), (3.0, q, 6)]
+    assert second.session.mechanism.noise_std == pytest.approx(3.0 * sensitivity(0.1, 4))

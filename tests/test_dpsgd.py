@@ -397,3 +397,31 @@ def test_dpsgd_calibrates_noise_to_the_target() -> None:
     assert trainer.global_step == cb.steps == 18
     assert 3.9 < cb.epsilon <= 4.0
     assert cb.noise_multiplier > 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dpsgd_resumed_with_a_new_noise_multiplier_composes_both(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning_helpers import TinyClassifier, quiet_trainer, tiny_loader
+
+    from lightning_blogs.accounting import GaussianAccountant
+    from lightning_blogs.sampling import poisson_dataloader
+
+    def loader():
+        return poisson_dataloader(tiny_loader(n=48, batch_size=8), seed=0)
+
+    first = DPSGD(noise_multiplier=1.0, clip_norm=1.0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True).fit(
+        TinyClassifier(), loader()
+    )
+    second = DPSGD(noise_multiplier=2.0, clip_norm=1.0)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[second])
+    trainer.fit(TinyClassifier(), loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+    q = 8 / 48
+    assert [tuple(h) for h in second.formal.accountant.history] == [(1.0, q, 6), (2.0, q, 6)]
+    reference = GaussianAccountant("rdp")
+    reference.step(1.0, q, 6)
+    reference.step(2.0, q, 6)
+    assert second.epsilon == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+    assert first.epsilon < second.epsilon

@@ -187,8 +187,20 @@ class DPBloGS(Callback):
         previous = self._restored if self._restored is not None else self.state_dict() or None
         if previous is not None:
             self.session = BloGSSession.from_state_dict(named, previous, seed)
-            self.formal = FormalAccounting.from_state_dict(previous["formal"]) if previous.get("formal") else None
             self._restored = None
+            if previous.get("formal"):
+                self.formal = FormalAccounting.from_state_dict(previous["formal"])
+                steps = self._planned_steps(trainer)  # loads the train loader
+                sample_rate, poisson = self._sample_rate(trainer)
+                self.formal.continue_with(
+                    noise_multiplier=self.noise_multiplier,
+                    sample_rate=sample_rate,
+                    poisson=poisson,
+                    target_epsilon=self.target_epsilon,
+                    steps=steps,
+                    owner="DPBloGS(guarantee='formal')",
+                )
+                self.session.set_noise_multiplier(self.formal.noise_multiplier)
         elif self.guarantee == "formal":
             self._start_formal(trainer, named, seed)
         else:
@@ -213,13 +225,8 @@ class DPBloGS(Callback):
 
     def _start_formal(self, trainer: pl.Trainer, named: list[tuple[str, torch.nn.Parameter]], seed: int) -> None:
         """Formal mode: find the sampling rate, calibrate (or take) sigma, count the allowed steps."""
-        steps = self._planned_steps(trainer)
-        loader = trainer.train_dataloader
-        poisson = is_poisson_sampled(loader)
-        if poisson:
-            sample_rate = poisson_sample_rate(loader)
-        else:  # the nominal rate of shuffled fixed-size batches; the bound then does not apply
-            sample_rate = min(1.0, loader.batch_size * trainer.world_size / len(loader.dataset))
+        steps = self._planned_steps(trainer)  # loads the train loader
+        sample_rate, poisson = self._sample_rate(trainer)
         self.formal = FormalAccounting.start(
             accountant=self.accountant,
             target_epsilon=self.target_epsilon,
@@ -243,6 +250,15 @@ class DPBloGS(Callback):
             reproducible=self.seed is not None,
             noise_multiplier=self.formal.noise_multiplier,
         )
+
+    @staticmethod
+    def _sample_rate(trainer: pl.Trainer) -> tuple[float, bool]:
+        """The training loader's sampling rate, and whether it is Poisson-sampled."""
+        loader = trainer.train_dataloader
+        if is_poisson_sampled(loader):
+            return poisson_sample_rate(loader), True
+        # The nominal rate of shuffled fixed-size batches; the accountant's bound then does not apply.
+        return min(1.0, loader.batch_size * trainer.world_size / len(loader.dataset)), False
 
     def _planned_steps(self, trainer: pl.Trainer) -> int:
         if self.total_steps is not None:

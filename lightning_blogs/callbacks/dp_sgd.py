@@ -138,6 +138,7 @@ class DPSGD(Callback):
         if noise_multiplier is None and target_epsilon is None:
             raise ValueError("noise_multiplier may be None only with a target_epsilon to calibrate it to")
         self.noise_multiplier = None if noise_multiplier is None else _check_noise_multiplier(noise_multiplier)
+        self._requested_noise_multiplier = self.noise_multiplier  # None: calibrated at train start
         self.target_epsilon = None if target_epsilon is None else check_positive_float("target_epsilon", target_epsilon)
         self.delta = check_open_unit_interval("delta", delta)
         self.accountant = check_choice("accountant", accountant, ACCOUNTANTS)
@@ -283,30 +284,28 @@ class DPSGD(Callback):
         self._log_setup(trainer)
 
     def _start_accounting(self, trainer: pl.Trainer) -> None:
-        """Restore or start the accountant; calibrate sigma when only a target was given."""
+        """Start (or resume) the accountant; calibrate sigma when only a target was given."""
+        if self._requested_noise_multiplier == 0 or (self.formal is not None and self._restored_formal is None):
+            return
+        steps = self.total_steps or trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ValueError("DPSGD cannot account for infinite training: pass DPSGD(total_steps=...)")
+        poisson = self.sample_rate is not None
+        # Without Poisson sampling the nominal rate is reported, under a name that says it is unproven.
+        nominal = self.expected_batch_size / len(trainer.train_dataloader.dataset)
+        rate = self.sample_rate if poisson else min(1.0, nominal)
+        settings = dict(sample_rate=rate, poisson=poisson, target_epsilon=self.target_epsilon, steps=int(steps))
         if self._restored_formal is not None:
             self.formal = FormalAccounting.from_state_dict(self._restored_formal)
             self._restored_formal = None
-        elif self.formal is None and self.noise_multiplier != 0:
-            steps = self.total_steps or trainer.estimated_stepping_batches
-            if not math.isfinite(steps):
-                raise ValueError("DPSGD cannot account for infinite training: pass DPSGD(total_steps=...)")
-            poisson = self.sample_rate is not None
-            # Without Poisson sampling the nominal rate is reported, under a name that says it is unproven.
-            rate = (
-                self.sample_rate
-                if poisson
-                else min(1.0, self.expected_batch_size / len(trainer.train_dataloader.dataset))
-            )
+            self.formal.continue_with(noise_multiplier=self._requested_noise_multiplier, owner="DPSGD", **settings)
+        else:
             self.formal = FormalAccounting.start(
                 accountant=self.accountant,
-                target_epsilon=self.target_epsilon,
                 delta=self.delta,
-                noise_multiplier=self.noise_multiplier,
-                sample_rate=rate,
-                poisson=poisson,
-                steps=int(steps),
+                noise_multiplier=self._requested_noise_multiplier,
                 owner="DPSGD",
+                **settings,
             )
         if self.formal is not None:
             self.noise_multiplier = self.formal.noise_multiplier

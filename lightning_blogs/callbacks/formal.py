@@ -107,6 +107,40 @@ class FormalAccounting:
             rank_zero_warn(f"{owner}: {NOT_POISSON_MESSAGE}", category=NotPoissonSampledWarning)
         return cls(gaussian, noise_multiplier, sample_rate, poisson, delta, allowed)
 
+    def continue_with(
+        self,
+        *,
+        noise_multiplier: float | None,
+        sample_rate: float,
+        poisson: bool,
+        target_epsilon: float | None,
+        steps: int,
+        owner: str,
+    ) -> None:
+        """Resume with the current run's settings: the saved history stays, new steps use the given
+        sigma (the saved one when None) and sampling rate, and the budget is recounted from here.
+
+        Args:
+            steps: optimizer steps this run may take in total (planned), of which
+                ``self.accountant.steps`` are already done.
+        """
+        if noise_multiplier is not None:
+            self.noise_multiplier = noise_multiplier
+        if poisson != self.poisson and not poisson:
+            rank_zero_warn(f"{owner}: {NOT_POISSON_MESSAGE}", category=NotPoissonSampledWarning)
+        # Steps taken without Poisson sampling stay unproven, whatever the loader is now.
+        self.poisson = self.poisson and poisson
+        self.sample_rate = sample_rate
+        done = self.accountant.steps
+        self.allowed_steps = (
+            None
+            if target_epsilon is None
+            else done
+            + self.accountant.steps_within_budget(
+                self.noise_multiplier, sample_rate, target_epsilon, self.delta, max(steps - done, 1)
+            )
+        )
+
     @property
     def epsilon(self) -> float:
         """The accountant's epsilon (nats) at :attr:`delta` after the recorded steps."""

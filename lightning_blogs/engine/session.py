@@ -114,6 +114,11 @@ class BloGSSession:
         session.mechanism.load_generator_state_dict(state["generator_states"])
         return session
 
+    def set_noise_multiplier(self, noise_multiplier: float) -> None:
+        """Use ``noise_multiplier`` for the steps from now on (a resumed formal run with new settings)."""
+        self.noise_multiplier = float(noise_multiplier)
+        self.mechanism.noise_std = self.noise_multiplier * sensitivity(self.plan.clip_norm, len(self.plan.names))
+
     @property
     def epsilon(self) -> float:
         """The paper's figure after the steps taken so far."""
