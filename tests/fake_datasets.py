@@ -82,5 +82,3 @@ def skip_cifar_md5(monkeypatch: pytest.MonkeyPatch) -> None:
         return os.path.isfile(fpath)
 
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", exists)
-
-

@@ -97,6 +97,7 @@ def test_resumed_run_continues_the_figure(tmp_path) -> None:
         return cb, recorder, module
 
     full_cb, full, full_module = run()
+
     # An interrupted run: same 4-epoch plan, killed after epoch 2 (a crash, simulated by raising).
     class Crash(RuntimeError):
         pass

@@ -21,7 +21,8 @@ from scipy import stats
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from lightning_blogs import DPSGD
-from lightning_blogs.mechanism.dpsgd import NoiseSource, clip_and_accumulate_per_sample_
+from lightning_blogs.mechanism.dpsgd import clip_and_accumulate_per_sample_
+from lightning_blogs.mechanism.randomness import RandomSource
 from lightning_blogs.models import ImageClassifier, make_dp_compatible, resnet18
 from lightning_blogs.models.dp_compat import DPGroupNorm
 
@@ -124,7 +125,7 @@ def test_noise_has_std_sigma_c_over_expected_batch_size() -> None:
 
 
 def test_noise_seed_keeps_64_bits_and_entropy_differs() -> None:
-    draw = lambda seed: NoiseSource(seed).standard_normal(1000, torch.float32)  # noqa: E731
+    draw = lambda seed: RandomSource(seed).standard_normal(1000, torch.float32)  # noqa: E731
     assert torch.equal(draw(7), draw(7))
     assert not torch.equal(draw(7), draw(7 + 2**40))  # torch's CPU generator would ignore the high bits
     grads = [
@@ -337,7 +338,7 @@ def test_empty_batch_is_a_step_of_pure_noise() -> None:
     dpsgd, recorder = DPSGD(sigma, clip_norm, expected_batch_size=batch_size, seed=seed), GradRecorder()
     quiet_trainer(max_epochs=1, callbacks=[dpsgd, recorder]).fit(TinyClassifier(), _empty_then_full_loader())
     assert dpsgd.steps == 2
-    noise = NoiseSource(seed)
+    noise = RandomSource(seed)
     expected = torch.cat([noise.standard_normal(p.numel(), torch.float32) for p in TinyClassifier().parameters()])
     torch.testing.assert_close(recorder.grads[0], expected * sigma * clip_norm / batch_size, atol=0, rtol=0)
 

@@ -16,7 +16,7 @@ from scipy import stats
 
 from lightning_blogs.mechanism import (
     BlockShuffleMechanism,
-    PermutationSource,
+    RandomSource,
     block_shuffle_,
     clip_per_tensor_,
     entropy_seed,
@@ -115,7 +115,7 @@ def test_shuffle_is_permutation_with_intact_blocks(shape: tuple[int, ...], block
     before = distinct_tensor(shape, seed=1)
     numel = before.numel()
     n_blocks = num_blocks(numel, block_size)
-    source = PermutationSource(123)
+    source = RandomSource(123)
     seen_orders = set()
     for _ in range(20):
         after = before.clone()
@@ -144,7 +144,7 @@ def test_partial_last_block_survives_everywhere(numel: int, block_size: int) -> 
     # entries 1..numel (no zero, so padding zeros would be visible)
     before = torch.arange(1, numel + 1, dtype=torch.float64)
     partial = set(before[-remainder:].tolist())
-    source = PermutationSource(7)
+    source = RandomSource(7)
     positions = set()
     for _ in range(300):
         after = before.clone()
@@ -165,21 +165,21 @@ def test_partial_last_block_survives_everywhere(numel: int, block_size: int) -> 
 def test_block_larger_than_numel_moves_nothing(shape: tuple[int, ...], block_size: int) -> None:
     before = distinct_tensor(shape, seed=3)
     after = before.clone()
-    block_shuffle_(after, block_size, PermutationSource(0))
+    block_shuffle_(after, block_size, RandomSource(0))
     assert torch.equal(after, before)
 
 
 def test_block_size_equal_numel_moves_nothing() -> None:
     before = distinct_tensor((7, 9), seed=4)
     after = before.clone()
-    block_shuffle_(after, 63, PermutationSource(0))
+    block_shuffle_(after, 63, RandomSource(0))
     assert torch.equal(after, before)
 
 
 def test_block_size_one_is_an_entrywise_permutation() -> None:
     before = distinct_tensor((50,), seed=5)
     after = before.clone()
-    block_shuffle_(after, 1, PermutationSource(11))
+    block_shuffle_(after, 1, RandomSource(11))
     assert torch.equal(torch.sort(after).values, torch.sort(before).values)
     assert not torch.equal(after, before)  # 1/50! chance of identity with this fixed seed
 
@@ -187,7 +187,7 @@ def test_block_size_one_is_an_entrywise_permutation() -> None:
 @pytest.mark.parametrize("block_size", [0, -1])
 def test_shuffle_rejects_non_positive_block_size(block_size: int) -> None:
     with pytest.raises(ValueError, match="block_size"):
-        block_shuffle_(torch.zeros(10), block_size, PermutationSource(0))
+        block_shuffle_(torch.zeros(10), block_size, RandomSource(0))
 
 
 def test_shuffle_works_in_place_on_dtypes() -> None:
@@ -195,7 +195,7 @@ def test_shuffle_works_in_place_on_dtypes() -> None:
         before = distinct_tensor((37,), seed=6, dtype=dtype)  # entries < 256: exact in every dtype
         after = before.clone()
         ptr = after.data_ptr()
-        block_shuffle_(after, 4, PermutationSource(2))
+        block_shuffle_(after, 4, RandomSource(2))
         assert after.data_ptr() == ptr
         assert after.dtype == dtype
         reconstruct_block_order(before, after, 4)
@@ -221,7 +221,7 @@ def test_permutation_is_uniform(numel: int, block_size: int) -> None:
     output equals the input with probability 1/24, and block 0 lands uniformly on 4 positions."""
     n_blocks = num_blocks(numel, block_size)
     assert n_blocks == 4
-    source = PermutationSource(2024)
+    source = RandomSource(2024)
     before = torch.arange(numel, dtype=torch.float32)
     draws = 6_000
     counts: dict[tuple[int, ...], int] = {}
@@ -247,7 +247,7 @@ def test_position_of_block_zero_is_uniform_many_blocks() -> None:
     each land uniformly over the 143 positions."""
     numel, block_size = 1000, 7
     n_blocks = num_blocks(numel, block_size)
-    source = PermutationSource(99)
+    source = RandomSource(99)
     before = torch.arange(numel, dtype=torch.float32)
     draws = 143 * 40
     pos_first = np.zeros(n_blocks, dtype=np.int64)
@@ -268,7 +268,7 @@ def test_position_of_block_zero_is_uniform_many_blocks() -> None:
 
 @pytest.mark.usefixtures("single_thread")
 def test_two_blocks_swap_half_the_time() -> None:
-    source = PermutationSource(5)
+    source = RandomSource(5)
     before = torch.arange(6, dtype=torch.float32)
     swapped = 0
     draws = 4000
@@ -286,20 +286,20 @@ def test_two_blocks_swap_half_the_time() -> None:
 # randomness
 
 
-def shuffled_with(source: PermutationSource, numel: int = 1000, block_size: int = 3) -> torch.Tensor:
+def shuffled_with(source: RandomSource, numel: int = 1000, block_size: int = 3) -> torch.Tensor:
     t = torch.arange(numel, dtype=torch.float32)
     block_shuffle_(t, block_size, source)
     return t
 
 
 def test_same_seed_same_permutations() -> None:
-    g1, g2 = PermutationSource(42), PermutationSource(42)
+    g1, g2 = RandomSource(42), RandomSource(42)
     for _ in range(5):
         assert torch.equal(shuffled_with(g1), shuffled_with(g2))
 
 
 def test_different_seeds_different_permutations() -> None:
-    results = [shuffled_with(PermutationSource(seed)) for seed in (0, 1, 2, 12345, 2**32 - 1)]
+    results = [shuffled_with(RandomSource(seed)) for seed in (0, 1, 2, 12345, 2**32 - 1)]
     for i in range(len(results)):
         for j in range(i + 1, len(results)):
             assert not torch.equal(results[i], results[j])
@@ -310,25 +310,25 @@ def test_different_seeds_different_permutations() -> None:
 # identical permutations and a 64-bit entropy seed was worth 32 bits (replayable by brute force).
 @pytest.mark.parametrize(("low", "high"), [(0, 2**63), (1, 2**32 + 1), (5, 5 + 2**40), (2**64 - 1, 2**32 - 1)])
 def test_seeds_differing_only_in_high_bits_give_different_permutations(low: int, high: int) -> None:
-    assert not torch.equal(shuffled_with(PermutationSource(low)), shuffled_with(PermutationSource(high)))
+    assert not torch.equal(shuffled_with(RandomSource(low)), shuffled_with(RandomSource(high)))
 
 
 def test_permutation_source_randperm() -> None:
-    source = PermutationSource(3)
+    source = RandomSource(3)
     perm = source.randperm(50)
     assert perm.dtype == torch.int64
     assert perm.device == torch.device("cpu")
     assert sorted(perm.tolist()) == list(range(50))
-    assert torch.equal(PermutationSource(3).randperm(50), perm)
+    assert torch.equal(RandomSource(3).randperm(50), perm)
     assert not torch.equal(source.randperm(50), perm)
 
 
 def test_permutation_source_state_round_trip() -> None:
-    source = PermutationSource(2**64 - 3)
+    source = RandomSource(2**64 - 3)
     source.randperm(10)
     state = source.state_dict()
     expected = [source.randperm(100) for _ in range(3)]
-    other = PermutationSource(0)
+    other = RandomSource(0)
     other.load_state_dict(state)
     for e in expected:
         assert torch.equal(other.randperm(100), e)
@@ -337,11 +337,11 @@ def test_permutation_source_state_round_trip() -> None:
 @pytest.mark.parametrize("seed", [-1, 2**64, 2**70, -(2**63), True, 1.5, "7", None])
 def test_permutation_source_rejects_bad_seed(seed: object) -> None:
     with pytest.raises(ValueError, match="seed"):
-        PermutationSource(seed)  # type: ignore[arg-type]
+        RandomSource(seed)  # type: ignore[arg-type]
 
 
 def test_successive_draws_differ() -> None:
-    g = PermutationSource(42)
+    g = RandomSource(42)
     assert not torch.equal(shuffled_with(g), shuffled_with(g))
 
 
@@ -357,8 +357,8 @@ def test_entropy_seed_range_and_variation() -> None:
 
 
 def test_entropy_seeded_generators_give_different_permutations() -> None:
-    a = shuffled_with(PermutationSource(entropy_seed()))
-    b = shuffled_with(PermutationSource(entropy_seed()))
+    a = shuffled_with(RandomSource(entropy_seed()))
+    b = shuffled_with(RandomSource(entropy_seed()))
     assert not torch.equal(a, b)
 
 
@@ -594,7 +594,7 @@ def test_mechanism_validates_arguments() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_step_path_does_not_sync() -> None:
     device = torch.device("cuda")
-    source = PermutationSource(1234)
+    source = RandomSource(1234)
     tensors = [
         torch.randn(1000, device=device) * 10,
         torch.randn(17, 13, device=device),

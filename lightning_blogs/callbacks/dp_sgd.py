@@ -23,7 +23,8 @@ from lightning_blogs._validation import (
 from lightning_blogs.accounting.gaussian import ACCOUNTANTS
 from lightning_blogs.callbacks.formal import BUDGET_ACTIONS, FormalAccounting, enforce_budget, stop_when_spent
 from lightning_blogs.mechanism import entropy_seed
-from lightning_blogs.mechanism.dpsgd import NoiseSource, add_noise_and_scale_, clip_and_accumulate_per_sample_
+from lightning_blogs.mechanism.dpsgd import add_noise_and_scale_, clip_and_accumulate_per_sample_
+from lightning_blogs.mechanism.randomness import RandomSource
 
 __all__ = ["DPSGD"]
 
@@ -159,7 +160,7 @@ class DPSGD(Callback):
 
         self.steps = 0
         self.sample_rate: float | None = None
-        self._noise: NoiseSource | None = None
+        self._noise: RandomSource | None = None
         self._restored_noise: dict[str, Any] | None = None
         self._grad_sampler: Any = None  # opacus GradSampleModule, holding the hooks
         self._params: list[torch.nn.Parameter] = []
@@ -198,11 +199,11 @@ class DPSGD(Callback):
         if self.seed is None:
             # Rank 0 draws the entropy and every rank uses it: identical noise keeps DDP replicas
             # identical. A fresh draw per fit; its state never reaches a checkpoint.
-            self._noise = NoiseSource(trainer.strategy.broadcast(entropy_seed() if trainer.is_global_zero else None))
+            self._noise = RandomSource(trainer.strategy.broadcast(entropy_seed() if trainer.is_global_zero else None))
         elif self._noise is None or self._restored_noise is not None:
             # A user seed continues its stream across fits (replaying it would reuse noise), and a
             # checkpoint of the same seed resumes it exactly.
-            self._noise = NoiseSource(self.seed)
+            self._noise = RandomSource(self.seed)
             if self._restored_noise is not None and self._restored_noise.get("seed") == self.seed:
                 self._noise.load_state_dict(self._restored_noise["noise"])
         self._restored_noise = None

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from lightning_blogs.mechanism.clipping import clip_per_tensor_
-from lightning_blogs.mechanism.dpsgd import NoiseSource
+from lightning_blogs.mechanism.randomness import RandomSource
 from lightning_blogs.mechanism.shuffle import block_shuffle_
 
 __all__ = ["BlockShuffleMechanism", "sensitivity"]
@@ -30,7 +30,7 @@ class BlockShuffleMechanism:
     on the aggregated gradient), adds Gaussian noise of standard deviation ``noise_std`` to every
     coordinate when ``noise_std > 0`` (the formal mode), and then shuffles its blocks, in place,
     on the gradient's own device, with no host-device synchronisation. Permutations come from a
-    :class:`PermutationSource` seeded with ``seed``: processes that share the seed and the
+    :class:`RandomSource` seeded with ``seed``: processes that share the seed and the
     parameter order draw identical permutations (what keeps DDP replicas equal).
 
     This class knows nothing of Lightning or of privacy figures; the callback and the plain
@@ -66,7 +66,7 @@ class BlockShuffleMechanism:
         if not noise_std >= 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         self.noise_std = float(noise_std)
-        self.source = NoiseSource(seed)
+        self.source = RandomSource(seed)
 
     @property
     def seed(self) -> int:

@@ -13,8 +13,9 @@ batch contributes nothing to the sum and still gets its noise.
 The per-sample gradients come from elsewhere (Opacus's grad-sample hooks, in the callback); the
 functions here only see tensors. Nothing here imports Lightning.
 
-Randomness. The noise must not be predictable: :class:`NoiseSource` draws it from generators seeded
-with 64 bits (from :func:`~lightning_blogs.mechanism.entropy_seed` unless the user gives a seed).
+Randomness. The noise must not be predictable: :class:`~lightning_blogs.mechanism.RandomSource`
+draws it from generators seeded with 64 bits (from :func:`~lightning_blogs.mechanism.entropy_seed`
+unless the user gives a seed).
 torch's CPU generator keeps only 32 bits of its seed, so CPU noise comes from NumPy's PCG64 (keyed
 by the whole seed through ``SeedSequence``) and accelerator noise from a Philox ``torch.Generator``
 on the device (all 64 bits), drawn there without a host copy. Processes that share the seed and
@@ -26,13 +27,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
-from lightning_blogs.mechanism.randomness import PermutationSource, make_generator
+from lightning_blogs.mechanism.randomness import RandomSource
 
 __all__ = [
-    "NoiseSource",
     "add_noise_and_scale_",
     "clip_and_accumulate_per_sample_",
     "per_sample_norms",
@@ -40,30 +39,6 @@ __all__ = [
 
 CLIP_EPSILON = 1e-6
 """Added to the per-sample norm in the clip factor (as Opacus), so a zero gradient divides safely."""
-
-
-class NoiseSource(PermutationSource):
-    """Standard normal noise on any device from one seed that keeps all its 64 bits.
-
-    The generators (and so ``state_dict``/``load_state_dict``) are those of
-    :class:`~lightning_blogs.mechanism.PermutationSource`: NumPy's PCG64 for CPU tensors, a
-    Philox ``torch.Generator`` per accelerator device, created on first use.
-
-    Args:
-        seed: integer in ``[0, 2**64)``; use :func:`~lightning_blogs.mechanism.entropy_seed`
-            for a private run.
-    """
-
-    def standard_normal(self, numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``numel`` independent N(0, 1) draws as a 1-d tensor of ``dtype`` on ``device``."""
-        device = torch.device(device)
-        if device.type == "cpu":
-            # NumPy draws float32 or float64; a narrower dtype is rounded from float32.
-            np_dtype = np.float64 if dtype == torch.float64 else np.float32
-            return torch.from_numpy(self._cpu.standard_normal(numel, dtype=np_dtype)).to(dtype)
-        if device not in self._devices:
-            self._devices[device] = make_generator(self.seed, device)
-        return torch.randn(numel, generator=self._devices[device], dtype=dtype, device=device)
 
 
 def per_sample_norms(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -134,7 +109,7 @@ def add_noise_and_scale_(
     noise_multiplier: float,
     clip_norm: float,
     expected_batch_size: float,
-    noise: NoiseSource,
+    noise: RandomSource,
 ) -> None:
     """Write ``p.grad = (sum + N(0, (noise_multiplier * clip_norm)^2)) / expected_batch_size``.
 

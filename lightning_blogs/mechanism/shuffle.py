@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_blogs.mechanism.randomness import PermutationSource
+from lightning_blogs.mechanism.randomness import RandomSource
 
 __all__ = ["block_shuffle_", "num_blocks"]
 
@@ -14,7 +14,7 @@ def num_blocks(numel: int, block_size: int) -> int:
     return -(-numel // block_size)
 
 
-def block_shuffle_(tensor: torch.Tensor, block_size: int, source: PermutationSource) -> None:
+def block_shuffle_(tensor: torch.Tensor, block_size: int, source: RandomSource) -> None:
     """Cut ``tensor`` (flattened) into blocks and permute the blocks uniformly at random, in place.
 
     Blocks hold ``block_size`` consecutive entries of the flattened tensor; when ``block_size``

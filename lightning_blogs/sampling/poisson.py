@@ -8,7 +8,7 @@ Randomness. Which examples are in a batch is privacy-relevant, so the draws come
 PCG64 seeded through ``SeedSequence`` with 64 bits of OS entropy (:func:`entropy_seed`) unless the
 user gives a seed. torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, which
 would make every batch replayable from 2**32 guesses; ``SeedSequence`` uses the whole seed (as
-:class:`~lightning_blogs.mechanism.PermutationSource` does for permutations). A user seed makes
+:class:`~lightning_blogs.mechanism.RandomSource` does for permutations). A user seed makes
 the batches reproducible and, by the same token, not private against whoever knows it.
 
 Nothing here imports Lightning: :class:`~lightning_blogs.sampling.PoissonDataModule` is the thin
