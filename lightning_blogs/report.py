@@ -14,7 +14,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["collect", "main", "markdown_table", "plot"]
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+__all__ = ["ReportCallback", "collect", "main", "markdown_table", "plot"]
 
 MECHANISM_LABELS = {
     "none": "none (no privacy)",
@@ -92,6 +95,28 @@ def plot(runs: dict[str, dict[float, dict[str, Any]]], path: Path) -> None:
     plt.close(figure)
 
 
+def write_report(sweep_dir: Path, *baselines: Path) -> str:
+    """Write ``privacy_utility.md`` and ``privacy_utility.png`` into ``sweep_dir``; return the table."""
+    runs = collect(sweep_dir, *baselines)
+    if not runs:
+        raise FileNotFoundError(f"no summary.json under {sweep_dir}")
+    table = markdown_table(runs)
+    (sweep_dir / "privacy_utility.md").write_text(table)
+    plot(runs, sweep_dir / "privacy_utility.png")
+    return table
+
+
+class ReportCallback(Callback):
+    """Hydra callback: write the report into the sweep directory when a multirun ends.
+
+    ``experiment=privacy_utility_sweep`` registers it under ``hydra.callbacks``.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Write the table and the plot, and print the table."""
+        print(write_report(Path(config.hydra.sweep.dir)))
+
+
 def main(argv: list[str] | None = None) -> str:
     """Write the table and the plot into the sweep directory; return the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,12 +125,10 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"sweep_dir {args.sweep_dir} is not a directory")
-    runs = collect(args.sweep_dir, *args.baseline)
-    if not runs:
-        parser.error(f"no summary.json under {args.sweep_dir}")
-    table = markdown_table(runs)
-    (args.sweep_dir / "privacy_utility.md").write_text(table)
-    plot(runs, args.sweep_dir / "privacy_utility.png")
+    try:
+        table = write_report(args.sweep_dir, *args.baseline)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     print(table)
     return table
 

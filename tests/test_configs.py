@@ -159,3 +159,20 @@ def test_blogs_gaussian_reports_a_proven_epsilon_on_poisson_batches(tmp_path) ->
 def test_dpsgd_makes_resnet18_dp_compatible(tmp_path) -> None:
     summary = train(compose_run(["privacy=dpsgd", "model=resnet18", "trainer.fast_dev_run=true"], tmp_path))
     assert summary["privacy"]["mechanism"] == "dp-sgd" and summary["optimizer_steps"] == 1
+
+
+def test_privacy_utility_sweep_writes_its_report(tmp_path) -> None:
+    sweep = tmp_path / "sweep"
+    run_app(
+        [
+            "experiment=privacy_utility_sweep",
+            "privacy=blogs,dpsgd",
+            "privacy.target_epsilon=4",
+            "trainer.fast_dev_run=true",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    table = (sweep / "privacy_utility.md").read_text()
+    assert "blogs (paper figure, NOT a DP guarantee)" in table and "dpsgd (proven)" in table
+    assert (sweep / "privacy_utility.png").is_file()
