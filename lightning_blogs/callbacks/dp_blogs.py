@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_blogs._validation import (
@@ -21,9 +20,9 @@ from lightning_blogs._validation import (
     check_positive_int,
 )
 from lightning_blogs.accounting.gaussian import ACCOUNTANTS
+from lightning_blogs.callbacks._common import check_trainer_supported, shared_entropy_seed
 from lightning_blogs.callbacks.formal import BUDGET_ACTIONS, FormalAccounting, enforce_budget, stop_when_spent
 from lightning_blogs.engine.session import BloGSSession
-from lightning_blogs.mechanism import entropy_seed
 from lightning_blogs.sampling import is_poisson_sampled, poisson_sample_rate
 
 __all__ = ["DPBloGS", "PaperFigureWarning"]
@@ -155,23 +154,13 @@ class DPBloGS(Callback):
         """Refuse configurations the callback cannot handle correctly, before any training."""
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
-            raise ValueError(
-                f"DPBloGS does not support strategy={type(trainer.strategy).__name__}: it needs every "
-                "rank to hold the whole aggregated gradient of each tensor, which sharded strategies "
-                "(FSDP, DeepSpeed, model parallel) do not. Use strategy='ddp' or a single device."
-            )
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                "DPBloGS supports automatic optimization only (LightningModule.automatic_optimization"
-                " = True); with manual optimization use lightning_blogs.BloGSPrivacyEngine instead."
-            )
-        if trainer.gradient_clip_val:
-            rank_zero_warn(
-                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) clips AFTER DPBloGS has "
-                "clipped and shuffled the gradients: it changes training but not the privacy figure. "
-                "Use DPBloGS(clip_norm=...) for clipping and leave gradient_clip_val unset."
-            )
+        check_trainer_supported(
+            "DPBloGS",
+            trainer,
+            pl_module,
+            sharded_reason="it needs every rank to hold the whole aggregated gradient of each tensor",
+            manual_hint="; with manual optimization use lightning_blogs.BloGSPrivacyEngine instead",
+        )
 
     # ------------------------------------------------------------------------------- planning
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -181,7 +170,7 @@ class DPBloGS(Callback):
         # replicas bit-identical. A user seed needs no broadcast.
         seed = self.seed
         if seed is None:
-            seed = trainer.strategy.broadcast(entropy_seed() if trainer.is_global_zero else None, src=0)
+            seed = shared_entropy_seed(trainer)
         # A checkpoint's state, or this callback's own from an earlier fit: either way the run
         # continues its plan and its step count; it never starts again from zero.
         previous = self._restored if self._restored is not None else self.state_dict() or None

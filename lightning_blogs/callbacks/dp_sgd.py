@@ -9,7 +9,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_blogs._opacus import require_opacus
@@ -21,8 +20,8 @@ from lightning_blogs._validation import (
     check_positive_int,
 )
 from lightning_blogs.accounting.gaussian import ACCOUNTANTS
+from lightning_blogs.callbacks._common import check_trainer_supported, shared_entropy_seed
 from lightning_blogs.callbacks.formal import BUDGET_ACTIONS, FormalAccounting, enforce_budget, stop_when_spent
-from lightning_blogs.mechanism import entropy_seed
 from lightning_blogs.mechanism.dpsgd import add_noise_and_scale_, clip_and_accumulate_per_sample_
 from lightning_blogs.mechanism.randomness import RandomSource
 
@@ -173,23 +172,13 @@ class DPSGD(Callback):
         """Refuse configurations the callback cannot handle correctly, before any training."""
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
-            raise ValueError(
-                f"DPSGD does not support strategy={type(trainer.strategy).__name__}: per-sample "
-                "gradients need every rank to hold whole parameters, which sharded strategies (FSDP, "
-                "DeepSpeed, model parallel) do not. Use strategy='ddp' or a single device."
-            )
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                "DPSGD supports automatic optimization only (LightningModule.automatic_optimization = True)."
-            )
+        check_trainer_supported(
+            "DPSGD",
+            trainer,
+            pl_module,
+            sharded_reason="per-sample gradients need every rank to hold whole parameters",
+        )
         require_opacus("DPSGD")
-        if trainer.gradient_clip_val:
-            rank_zero_warn(
-                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) clips the noisy DP-SGD gradient "
-                "AFTER DPSGD: it changes training but not the privacy guarantee. Use DPSGD(clip_norm=...) "
-                "for per-sample clipping and leave gradient_clip_val unset."
-            )
 
     # ---------------------------------------------------------------------------- fit start/end
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -199,7 +188,7 @@ class DPSGD(Callback):
         if self.seed is None:
             # Rank 0 draws the entropy and every rank uses it: identical noise keeps DDP replicas
             # identical. A fresh draw per fit; its state never reaches a checkpoint.
-            self._noise = RandomSource(trainer.strategy.broadcast(entropy_seed() if trainer.is_global_zero else None))
+            self._noise = RandomSource(shared_entropy_seed(trainer))
         elif self._noise is None or self._restored_noise is not None:
             # A user seed continues its stream across fits (replaying it would reuse noise), and a
             # checkpoint of the same seed resumes it exactly.
