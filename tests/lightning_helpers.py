@@ -52,3 +52,18 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
 def parameters_vector(module: torch.nn.Module) -> torch.Tensor:
     """All parameters of ``module`` as one flat tensor (a copy)."""
     return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+
+
+class Crash(RuntimeError):
+    """A simulated crash in the middle of training."""
+
+
+class CrashAtEpoch(pl.Callback):
+    """Raises :class:`Crash` when epoch ``epoch`` starts (after the previous epoch's checkpoint)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise Crash

@@ -6,9 +6,9 @@ import csv
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning_helpers import TinyClassifier, quiet_trainer, tiny_loader
+from lightning_helpers import Crash, CrashAtEpoch, TinyClassifier, quiet_trainer, tiny_loader
 from scipy import stats
 
 from lightning_blogs import DPBloGS
@@ -92,18 +92,10 @@ def test_resume_continues_the_proven_epsilon(tmp_path) -> None:
     full = make()
     quiet_trainer(max_epochs=4, callbacks=[full]).fit(TinyClassifier(), _poisson_loader())
 
-    class Crash(RuntimeError):
-        pass
-
-    class Interrupt(Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            if trainer.current_epoch == 2:
-                raise Crash
-
     first = make()
     trainer = quiet_trainer(
         max_epochs=4,
-        callbacks=[first, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1), Interrupt()],
+        callbacks=[first, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1), CrashAtEpoch(2)],
         enable_checkpointing=True,
     )
     with pytest.raises(Crash):

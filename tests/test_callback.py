@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-from lightning_helpers import TinyClassifier, parameters_vector, quiet_trainer, tiny_loader
+from lightning_helpers import Crash, CrashAtEpoch, TinyClassifier, parameters_vector, quiet_trainer, tiny_loader
 
 from lightning_blogs import DPBloGS, PaperFigureWarning
 from lightning_blogs.accounting import UnreachableEpsilonError, compose_epsilon, tensor_epsilon
@@ -99,18 +99,10 @@ def test_resumed_run_continues_the_figure(tmp_path) -> None:
     full_cb, full, full_module = run()
 
     # An interrupted run: same 4-epoch plan, killed after epoch 2 (a crash, simulated by raising).
-    class Crash(RuntimeError):
-        pass
-
-    class Interrupt(Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            if trainer.current_epoch == 2:
-                raise Crash
-
     cb = DPBloGS(target_epsilon=8.0, clip_norm=0.05, seed=7)
     trainer = quiet_trainer(
         max_epochs=4,
-        callbacks=[cb, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1), Interrupt()],
+        callbacks=[cb, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1), CrashAtEpoch(2)],
         enable_checkpointing=True,
     )
     torch.manual_seed(0)

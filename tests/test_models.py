@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning_helpers import quiet_trainer
 from torch import nn
 
 from lightning_blogs.data import DigitsDataModule
@@ -22,16 +23,7 @@ FACTORIES: dict[str, Callable[..., nn.Module]] = {
 SHAPES = [(1, 8), (1, 28), (3, 32)]  # (channels, image size): digits, MNIST, CIFAR-10
 
 
-def _trainer(**kwargs: object) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+_trainer = quiet_trainer
 
 
 @pytest.fixture
