@@ -52,6 +52,13 @@ def check_positive_float(name: str, value: object) -> float:
     return float(value)
 
 
+def check_non_negative_float(name: str, value: object) -> float:
+    """Return ``value`` as ``float`` if it is a finite real number >= 0, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
     """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` listing them."""
     if value not in choices:

@@ -28,7 +28,6 @@ from lightning_blogs.sampling import is_poisson_sampled, poisson_sample_rate
 __all__ = ["DPBloGS", "PaperFigureWarning"]
 
 EPSILON_KEY = "privacy/epsilon_blogs_paper"
-_BUDGET_ACTIONS = BUDGET_ACTIONS
 _GUARANTEES = ("paper", "formal")
 
 
@@ -130,7 +129,7 @@ class DPBloGS(Callback):
             raise ValueError(f"seed must be None (OS entropy) or an integer in [0, 2**64), got {seed!r}")
         self.seed = seed
         self.total_steps = None if total_steps is None else check_positive_int("total_steps", total_steps)
-        self.on_budget_exceeded = check_choice("on_budget_exceeded", on_budget_exceeded, _BUDGET_ACTIONS)
+        self.on_budget_exceeded = check_choice("on_budget_exceeded", on_budget_exceeded, BUDGET_ACTIONS)
 
         self.session: BloGSSession | None = None
         self.formal: FormalAccounting | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -15,6 +14,7 @@ from lightning_blogs._opacus import require_opacus
 from lightning_blogs._validation import (
     check_choice,
     check_int,
+    check_non_negative_float,
     check_open_unit_interval,
     check_positive_float,
     check_positive_int,
@@ -31,12 +31,6 @@ _LOSS_REDUCTIONS = ("mean", "sum")
 # Attributes Opacus leaves on parameters and modules; removed when the callback lets go of a module.
 _OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample")
 _OPACUS_MODULE_ATTRS = ("activations", "max_batch_len")
-
-
-def _check_noise_multiplier(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < math.inf:
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def _loader_sample_rate(loader: object) -> float | None:
@@ -137,7 +131,9 @@ class DPSGD(Callback):
     ) -> None:
         if noise_multiplier is None and target_epsilon is None:
             raise ValueError("noise_multiplier may be None only with a target_epsilon to calibrate it to")
-        self.noise_multiplier = None if noise_multiplier is None else _check_noise_multiplier(noise_multiplier)
+        self.noise_multiplier = (
+            None if noise_multiplier is None else check_non_negative_float("noise_multiplier", noise_multiplier)
+        )
         self._requested_noise_multiplier = self.noise_multiplier  # None: calibrated at train start
         self.target_epsilon = None if target_epsilon is None else check_positive_float("target_epsilon", target_epsilon)
         self.delta = check_open_unit_interval("delta", delta)
